@@ -1,0 +1,142 @@
+"""Key-by-key weight surgery shared by the growth operators.
+
+Every state-dict key of a Loire model is parsed into a `Param` (what it is, which layer) by exact
+structure, never by substring; a key that is not part of the architecture is an error, so an
+operator can never silently skip a tensor it does not understand.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from loire.config import LoireConfig
+from loire.model import LoireModel, LoirePreTrainedModel
+
+# Parameter kinds. "writer": writes the residual stream (its output dim is hidden);
+# "reader": reads the (normalised) stream (its input dim is hidden).
+_BASE_KEYS: dict[tuple[str, ...], str] = {
+    ("embed_tokens", "weight"): "embed",
+    ("embed_positions", "weight"): "embed",
+    ("embed_token_types", "weight"): "embed",
+    ("embed_norm", "weight"): "norm_weight",
+    ("embed_norm", "bias"): "norm_bias",
+    ("norm", "weight"): "norm_weight",
+    ("norm", "bias"): "norm_bias",
+    ("hidden_mask",): "hidden_mask",
+}
+_LAYER_KEYS: dict[tuple[str, ...], str] = {
+    ("attn_norm", "weight"): "norm_weight",
+    ("attn_norm", "bias"): "norm_bias",
+    ("mlp_norm", "weight"): "norm_weight",
+    ("mlp_norm", "bias"): "norm_bias",
+    ("attn", "q_proj", "weight"): "qkv_weight",
+    ("attn", "k_proj", "weight"): "qkv_weight",
+    ("attn", "v_proj", "weight"): "qkv_weight",
+    ("attn", "q_proj", "bias"): "qkv_bias",
+    ("attn", "k_proj", "bias"): "qkv_bias",
+    ("attn", "v_proj", "bias"): "qkv_bias",
+    ("attn", "o_proj", "weight"): "o_weight",
+    ("attn", "o_proj", "bias"): "o_bias",
+    ("mlp", "up_proj", "weight"): "up_weight",
+    ("mlp", "gate_proj", "weight"): "up_weight",
+    ("mlp", "up_proj", "bias"): "up_bias",
+    ("mlp", "gate_proj", "bias"): "up_bias",
+    ("mlp", "down_proj", "weight"): "down_weight",
+    ("mlp", "down_proj", "bias"): "down_bias",
+    ("plugin_lambda",): "plugin_lambda",
+}
+_HEAD_KEYS: dict[tuple[str, ...], str] = {
+    ("lm_head", "weight"): "output_embedding",
+    ("mlm_head", "dense", "weight"): "head_dense_weight",
+    ("mlm_head", "dense", "bias"): "head_dense_bias",
+    ("mlm_head", "norm", "weight"): "head_norm_weight",
+    ("mlm_head", "norm", "bias"): "head_norm_bias",
+    ("mlm_head", "decoder", "weight"): "output_embedding",
+    ("mlm_head", "decoder", "bias"): "decoder_bias",
+    ("classifier", "weight"): "classifier_weight",
+    ("classifier", "bias"): "classifier_bias",
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str
+    kind: str
+    layer: int | None = None  # block index for per-layer parameters
+    local: tuple[str, ...] = ()  # key inside the block / base model
+
+
+def parse_key(key: str, model: LoirePreTrainedModel) -> Param:
+    """Structured parse of a state-dict key; raises ValueError for anything unknown."""
+    parts = tuple(key.split("."))
+    prefix = () if isinstance(model, LoireModel) else (model.base_model_prefix,)
+    if parts in _HEAD_KEYS and prefix:
+        return Param(key, _HEAD_KEYS[parts], local=parts)
+    if parts[: len(prefix)] == prefix:
+        rest = parts[len(prefix) :]
+        if rest in _BASE_KEYS:
+            return Param(key, _BASE_KEYS[rest], local=rest)
+        if len(rest) >= 3 and rest[0] == "layers" and rest[1].isdigit() and rest[2:] in _LAYER_KEYS:
+            return Param(key, _LAYER_KEYS[rest[2:]], layer=int(rest[1]), local=rest[2:])
+    raise ValueError(f"unknown parameter {key!r} in {type(model).__name__}: the growth operators do not know it")
+
+
+def parsed_state(model: LoirePreTrainedModel) -> list[tuple[Param, torch.Tensor]]:
+    """(Param, tensor) for every state-dict entry, validated; tensors are the model's own (read only)."""
+    return [(parse_key(k, model), v) for k, v in model.state_dict().items()]
+
+
+def base_key(model: LoirePreTrainedModel, *local: str) -> str:
+    """The state-dict key of a base-model entry (prefixed inside a head model)."""
+    prefix = () if isinstance(model, LoireModel) else (model.base_model_prefix,)
+    return ".".join((*prefix, *local))
+
+
+def layer_key(model: LoirePreTrainedModel, layer: int, local: tuple[str, ...]) -> str:
+    return base_key(model, "layers", str(layer), *local)
+
+
+class Noise:
+    """Seeded N(0, std²) values for new parameters whose value does not affect the function."""
+
+    def __init__(self, seed: int, std: float) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.std = std
+
+    def __call__(self, *shape: int, like: torch.Tensor) -> torch.Tensor:
+        values = torch.randn(*shape, generator=self.generator, dtype=torch.float64) * self.std
+        return values.to(dtype=like.dtype, device=like.device)
+
+
+def cat(old: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.cat([old.detach(), new.to(old.dtype)], dim=dim)
+
+
+def check_shape(key: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != expected:
+        raise RuntimeError(f"surgery produced {key} with shape {tuple(tensor.shape)}, expected {expected}")
+
+
+def rebuild(model: LoirePreTrainedModel, config: LoireConfig, state: dict[str, torch.Tensor]) -> LoirePreTrainedModel:
+    """A new model of the same class from `config` and a complete state dict (shapes checked key by key)."""
+    with torch.device("meta"):
+        new = type(model)(config)
+    expected = new.state_dict()
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise RuntimeError(f"surgery produced a state with missing keys {missing} and unexpected keys {extra}")
+    for key, tensor in expected.items():
+        check_shape(key, state[key], tuple(tensor.shape))
+    new.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        new.tie_weights()
+    new.train(model.training)
+    return new
+
+
+def new_config(model: LoirePreTrainedModel, **changes: object) -> LoireConfig:
+    config = copy.deepcopy(model.config)
+    return config.replace(**changes)
