@@ -158,9 +158,13 @@ class LoireBlock(nn.Module):
         self.mlp_norm = LoireNorm(config.hidden_size, config.norm_type, config.norm_eps)
         self.mlp = LoireMLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
-        self.plugin_lambda: nn.Parameter | None = None
-        if layer_idx in config.plugin_layers:
-            self.plugin_lambda = nn.Parameter(torch.ones(()), requires_grad=config.plugin_lambda_mode == "learned")
+        # λ of a plug-in layer: a parameter when learned, a (saved) buffer when scheduled by the trainer.
+        self.plugin_lambda: torch.Tensor | None
+        gated = layer_idx in config.plugin_layers
+        if gated and config.plugin_lambda_mode == "learned":
+            self.plugin_lambda = nn.Parameter(torch.ones(()))
+        else:
+            self.register_buffer("plugin_lambda", torch.ones(()) if gated else None)
 
     def forward(
         self,
@@ -214,7 +218,7 @@ class LoirePreTrainedModel(PreTrainedModel):
     def plugin_lambdas(self) -> dict[int, float]:
         """λ of each plug-in layer, by layer index."""
         return {
-            i: float(block.plugin_lambda)
+            i: float(block.plugin_lambda.detach())
             for i, block in enumerate(self.loire_base.layers)
             if block.plugin_lambda is not None
         }
@@ -252,9 +256,10 @@ class LoirePreTrainedModel(PreTrainedModel):
             )
         for i, block in enumerate(base.layers):
             if block.plugin_lambda is not None and i not in still_open:
-                block.plugin_lambda = None
+                block._parameters.pop("plugin_lambda", None)
+                block.register_buffer("plugin_lambda", None)
         if base.hidden_mask is not None and not mask_open:
-            base.hidden_mask = None
+            base.hidden_mask = None  # a None buffer is dropped from the state dict
         self.config.plugin_layers = still_open
         self.config.hidden_mask = mask_open
         return self

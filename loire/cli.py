@@ -1,0 +1,159 @@
+"""The `loire` command line: inspect, import-hf, grow."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="LOIRE: grow pre-trained language models without changing what they compute.", no_args_is_help=True)
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def clean_errors(fn: F) -> F:
+    """Turn expected failures (bad input) into one clear line and exit code 2, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, OSError) as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+
+def probe_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=input_ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@torch.no_grad()
+def max_logit_diff(old: torch.nn.Module, new: torch.nn.Module, seed: int = 0, batch: int = 2, length: int = 32) -> tuple[float, float]:
+    """max |Δlogits| and max |logits| of two models on a seeded random probe batch (eval mode)."""
+    config = old.config
+    generator = torch.Generator().manual_seed(seed)
+    length = min(length, config.max_position_embeddings)
+    ids = torch.randint(0, config.vocab_size, (batch, length), generator=generator)
+    was = old.training, new.training
+    old.eval()
+    new.eval()
+    a, b = probe_logits(old, ids), probe_logits(new, ids)
+    old.train(was[0])
+    new.train(was[1])
+    return float((a - b).abs().max()), float(a.abs().max())
+
+
+@app.command()
+@clean_errors
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A Loire model folder (save_pretrained layout).")],
+    seq_len: Annotated[int | None, typer.Option(help="Sequence length for FLOPs (default: max positions).")] = None,
+) -> None:
+    """Show a model's config, parameter count, FLOPs per token and growth devices."""
+    from loire.flops import flops_per_token
+    from loire.io import load_model
+    from loire.model import num_parameters
+
+    model = load_model(path)
+    config = model.config
+    head = {
+        "LoireForCausalLM": "causal_lm",
+        "LoireForMaskedLM": "masked_lm",
+        "LoireForSequenceClassification": "sequence_classification",
+    }.get(type(model).__name__, "base")
+    t = seq_len or config.max_position_embeddings
+    table = Table(title=f"{path} ({type(model).__name__})")
+    table.add_column("field")
+    table.add_column("value")
+    from loire.config import ARCHITECTURE_FIELDS
+
+    for name in ARCHITECTURE_FIELDS:
+        table.add_row(name, str(getattr(config, name)))
+    table.add_row("parameters", f"{num_parameters(model):,}")
+    table.add_row(f"inference FLOPs/token (T={t})", f"{flops_per_token(config, t, training=False, head=head):.4g}")
+    table.add_row(f"training FLOPs/token (T={t})", f"{flops_per_token(config, t, training=True, head=head):.4g}")
+    lambdas = model.plugin_lambdas()
+    table.add_row("plug-in layers (λ)", ", ".join(f"{i}: {v:.3g}" for i, v in lambdas.items()) or "none")
+    mask = model.loire_base.hidden_mask
+    table.add_row("hidden mask", "none" if mask is None else f"{int((mask == 1).sum())}/{mask.numel()} dims open")
+    console.print(table)
+
+
+@app.command("import-hf")
+@clean_errors
+def import_hf(
+    src: Annotated[Path, typer.Argument(help="A Hugging Face GPT-2 / BERT / Llama folder.")],
+    dst: Annotated[Path, typer.Argument(help="Where to write the Loire model folder.")],
+) -> None:
+    """Convert a local HF GPT-2, BERT or Llama checkpoint into an equivalent Loire model."""
+    import transformers
+
+    from loire.convert import from_hf
+    from loire.io import save_model_atomic
+
+    config = transformers.AutoConfig.from_pretrained(src)
+    names = config.architectures or []
+    if not names or not hasattr(transformers, names[0]):
+        raise ValueError(f"{src}/config.json: cannot tell the model class (architectures={names})")
+    hf_model = getattr(transformers, names[0]).from_pretrained(src, use_safetensors=True)
+    model = from_hf(hf_model)
+    diff, scale = max_logit_diff(hf_model, model)
+    save_model_atomic(model, dst, tokenizer_from=str(src))
+    console.print(f"imported {names[0]} → {type(model).__name__} at {dst}; max |Δlogits| {diff:.3g} (max |logits| {scale:.3g})")
+
+
+@app.command()
+@clean_errors
+def grow(
+    src: Annotated[Path, typer.Argument(help="A Loire model folder.")],
+    dst: Annotated[Path, typer.Argument(help="Where to write the grown model folder.")],
+    hidden: Annotated[int | None, typer.Option(help="New hidden_size.")] = None,
+    ffn: Annotated[int | None, typer.Option(help="New intermediate_size.")] = None,
+    heads: Annotated[int | None, typer.Option(help="New num_attention_heads.")] = None,
+    layers: Annotated[int | None, typer.Option(help="New num_hidden_layers.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the new parameters' random values.")] = 0,
+) -> None:
+    """Grow a model function-preservingly and report the measured max |Δlogits|."""
+    from loire.grow import grow as grow_model
+    from loire.io import load_model, save_model_atomic
+
+    if src.resolve() == dst.resolve():
+        raise ValueError("DST must differ from SRC: the source model is never overwritten")
+    model = load_model(src)
+    grown = grow_model(model, hidden=hidden, ffn=ffn, heads=heads, layers=layers, seed=seed)
+    diff, scale = max_logit_diff(model, grown)
+    save_model_atomic(grown, dst, tokenizer_from=str(src))
+    c = grown.config
+    console.print(
+        f"grown {src} → {dst}: hidden {c.hidden_size}, ffn {c.intermediate_size}, heads {c.num_attention_heads}, "
+        f"layers {c.num_hidden_layers}\nmax |Δlogits| on the probe batch: {diff:.3g} "
+        f"(relative {diff / max(1.0, scale):.3g}, {next(grown.parameters()).dtype})"
+    )
+
+
+def run() -> None:  # pragma: no cover - console entry point
+    app(prog_name="loire")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run())

@@ -1,0 +1,85 @@
+"""Loading and saving Loire model folders (save_pretrained layout), safely and atomically."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from loire.config import LoireConfig
+from loire.model import (
+    LoireForCausalLM,
+    LoireForMaskedLM,
+    LoireForSequenceClassification,
+    LoireModel,
+    LoirePreTrainedModel,
+)
+
+logger = logging.getLogger(__name__)
+
+MODEL_CLASSES: dict[str, type[LoirePreTrainedModel]] = {
+    cls.__name__: cls for cls in (LoireModel, LoireForCausalLM, LoireForMaskedLM, LoireForSequenceClassification)
+}
+# Files a tokenizer may consist of; copied along with a model when present.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+)
+
+
+def load_model(path: str | os.PathLike[str]) -> LoirePreTrainedModel:
+    """Load a Loire model folder; only safetensors weights are accepted (no pickle)."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder}: not a model folder (no config.json)")
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+        found = f" (found {pickles}: pickle weights are refused)" if pickles else ""
+        raise ValueError(f"{folder}: no .safetensors weights{found}")
+    config = LoireConfig.from_pretrained(folder)
+    names = config.architectures or ["LoireForCausalLM"]
+    if names[0] not in MODEL_CLASSES:
+        raise ValueError(f"{folder}/config.json: architectures={names} is not one of {sorted(MODEL_CLASSES)}")
+    return MODEL_CLASSES[names[0]].from_pretrained(folder, use_safetensors=True)
+
+
+def copy_tokenizer(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[str]:
+    """Copy tokenizer files from `src` to `dst`; returns the names copied."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def save_model_atomic(model: LoirePreTrainedModel, dst: str | os.PathLike[str], tokenizer_from: str | None = None) -> Path:
+    """save_pretrained into a temporary sibling folder, then swap it in: `dst` is never half-written.
+
+    An existing `dst` is replaced only after the new folder is complete.
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer_from is not None:
+            copy_tokenizer(tokenizer_from, tmp)
+        old = None
+        if dst.exists():
+            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+            os.replace(dst, old)
+        os.replace(tmp, dst)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
