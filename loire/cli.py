@@ -14,7 +14,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="LOIRE: grow pre-trained language models without changing what they compute.", no_args_is_help=True)
+app = typer.Typer(
+    help="LOIRE: grow pre-trained language models without changing what they compute.", no_args_is_help=True
+)
 console = Console()
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -36,7 +38,9 @@ def clean_errors(fn: F) -> F:
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -48,7 +52,9 @@ def probe_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def max_logit_diff(old: torch.nn.Module, new: torch.nn.Module, seed: int = 0, batch: int = 2, length: int = 32) -> tuple[float, float]:
+def max_logit_diff(
+    old: torch.nn.Module, new: torch.nn.Module, seed: int = 0, batch: int = 2, length: int = 32
+) -> tuple[float, float]:
     """max |Δlogits| and max |logits| of two models on a seeded random probe batch (eval mode)."""
     config = old.config
     generator = torch.Generator().manual_seed(seed)
@@ -119,7 +125,9 @@ def import_hf(
     model = from_hf(hf_model)
     diff, scale = max_logit_diff(hf_model, model)
     save_model_atomic(model, dst, tokenizer_from=str(src))
-    console.print(f"imported {names[0]} → {type(model).__name__} at {dst}; max |Δlogits| {diff:.3g} (max |logits| {scale:.3g})")
+    console.print(
+        f"imported {names[0]} → {type(model).__name__} at {dst}; max |Δlogits| {diff:.3g} (max |logits| {scale:.3g})"
+    )
 
 
 @app.command()

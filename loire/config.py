@@ -149,7 +149,9 @@ class LoireConfig(PretrainedConfig):
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
         missing = [name for name in ARCHITECTURE_FIELDS if name not in config_dict and name not in kwargs]
         if missing:
-            raise ValueError(f"Loire config is missing field(s) {missing}; every one of {list(ARCHITECTURE_FIELDS)} is required")
+            raise ValueError(
+                f"Loire config is missing field(s) {missing}; every one of {list(ARCHITECTURE_FIELDS)} is required"
+            )
         return super().from_dict(config_dict, **kwargs)
 
     def replace(self, **changes: Any) -> LoireConfig:

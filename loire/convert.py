@@ -13,7 +13,9 @@ buffers, rotary frequency tables) are skipped, and BertModel's pooler is dropped
 Family-specific surgery:
 - GPT-2 stores its projections as `Conv1D` (weight (in, out), the transpose of `nn.Linear`), and
   `c_attn` fuses q|k|v along the output dimension: it is split in three and transposed.
-- BERT's tied decoder bias appears twice (`cls.predictions.bias` and `cls.predictions.decoder.bias`).
+- BERT's tied decoder bias appears twice (`cls.predictions.bias` and `cls.predictions.decoder.bias`);
+  with untied embeddings `cls.predictions.bias` is not used by the forward pass and is not kept
+  (`to_hf` writes the decoder bias to both).
 - Llama grouped-query attention (num_key_value_heads < num_attention_heads) is expanded exactly to
   multi-head attention by repeating each k/v head for its group, which is what `repeat_kv` does at
   run time. `to_hf(..., num_key_value_heads=n)` folds such exactly repeated heads back.
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -636,6 +639,11 @@ def _family_problems(family: str, config: LoireConfig) -> list[str]:
             f"num_attention_heads*head_dim = {config.num_attention_heads}*{config.head_dim} = "
             f"{config.attention_size} != hidden_size={config.hidden_size} ({family} needs them equal)"
         )
+    if family == "llama" and config.hidden_size % config.num_attention_heads:
+        problems.append(
+            f"hidden_size={config.hidden_size} is not a multiple of num_attention_heads={config.num_attention_heads} "
+            "(transformers' LlamaConfig requires it, even with an explicit head_dim)"
+        )
     return problems
 
 
@@ -819,7 +827,10 @@ def to_hf(
                 f"num_key_value_heads={kv_heads!r} must divide num_attention_heads={config.num_attention_heads}"
             )
     dims = _Dims(config.num_attention_heads, kv_heads, config.head_dim)
-    hf_config = _loire_to_hf_config(family, config, kv_heads)
+    try:
+        hf_config = _loire_to_hf_config(family, config, kv_heads)
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        raise ValueError(f"transformers refuses the {family} config of this model: {error}") from error
     fam = _FAMILIES[family]
 
     loire_state = dict(model.state_dict())

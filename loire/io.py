@@ -60,7 +60,9 @@ def copy_tokenizer(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> 
     return copied
 
 
-def save_model_atomic(model: LoirePreTrainedModel, dst: str | os.PathLike[str], tokenizer_from: str | None = None) -> Path:
+def save_model_atomic(
+    model: LoirePreTrainedModel, dst: str | os.PathLike[str], tokenizer_from: str | None = None
+) -> Path:
     """save_pretrained into a temporary sibling folder, then swap it in: `dst` is never half-written.
 
     An existing `dst` is replaced only after the new folder is complete.

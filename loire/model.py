@@ -12,6 +12,7 @@ Growth-time devices (see `loire.grow`), both removable by `consolidate()` once t
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -73,9 +74,13 @@ class LoireNorm(nn.Module):
         return y * m
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (B, 1, T, D) for rotary embeddings, Llama's half-rotation layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=position_ids.device) / head_dim))
+    # Frequencies exactly as HF Llama computes them (float32), so imported models match at any position.
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
     work = torch.promote_types(dtype, torch.float32)
     freqs = position_ids[..., None].to(work) * inv_freq.to(work)  # (B, T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, D)
@@ -191,7 +196,7 @@ class LoirePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _supports_sdpa = True
-    _no_split_modules = ["LoireBlock"]
+    _no_split_modules: ClassVar[list[str]] = ["LoireBlock"]
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -334,7 +339,9 @@ class LoireModel(LoirePreTrainedModel):
         cache = cache if use_cache else None
         past = cache.get_seq_length() if cache is not None else 0
         if past + t > self.config.max_position_embeddings and self.embed_positions is not None:
-            raise ValueError(f"sequence length {past + t} exceeds max_position_embeddings={self.config.max_position_embeddings}")
+            raise ValueError(
+                f"sequence length {past + t} exceeds max_position_embeddings={self.config.max_position_embeddings}"
+            )
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=x.device)[None].expand(b, t)
         if self.embed_positions is not None:
@@ -358,7 +365,7 @@ class LoireModel(LoirePreTrainedModel):
 
 
 class LoireForCausalLM(LoirePreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: LoireConfig) -> None:
         super().__init__(config)
@@ -420,7 +427,7 @@ class LoireMLMHead(nn.Module):
 
 
 class LoireForMaskedLM(LoirePreTrainedModel):
-    _tied_weights_keys = {"mlm_head.decoder.weight": "model.embed_tokens.weight"}
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"mlm_head.decoder.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: LoireConfig) -> None:
         super().__init__(config)
@@ -471,7 +478,9 @@ class LoireForSequenceClassification(LoirePreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def _pool(self, hidden: torch.Tensor, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _pool(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         b, t = hidden.shape[:2]
         if not self.config.is_causal:
             return hidden[:, 0]
@@ -521,10 +530,10 @@ def num_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
-    "LoireModel",
     "LoireForCausalLM",
     "LoireForMaskedLM",
     "LoireForSequenceClassification",
+    "LoireModel",
     "LoirePreTrainedModel",
     "num_parameters",
 ]

@@ -45,7 +45,9 @@ def randomize(model: LoirePreTrainedModel, seed: int = 0, scale: float = 0.3) ->
     return model
 
 
-def build(family: str, head: type[LoirePreTrainedModel], seed: int = 0, dtype=torch.float64, **overrides) -> LoirePreTrainedModel:
+def build(
+    family: str, head: type[LoirePreTrainedModel], seed: int = 0, dtype=torch.float64, **overrides
+) -> LoirePreTrainedModel:
     model = head(tiny_config(family, **overrides)).to(dtype).eval()
     return randomize(model, seed)
 

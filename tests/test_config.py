@@ -15,7 +15,12 @@ def test_tiny_presets_are_cpu_sized(name: str) -> None:
 
 def test_families() -> None:
     gpt, bert, llama = loire.preset("gpt-tiny"), loire.preset("bert-tiny"), loire.preset("llama-tiny")
-    assert (gpt.norm_position, gpt.norm_type, gpt.position_embedding_type, gpt.mlp_type) == ("pre", "layernorm", "learned", "gelu")
+    assert (gpt.norm_position, gpt.norm_type, gpt.position_embedding_type, gpt.mlp_type) == (
+        "pre",
+        "layernorm",
+        "learned",
+        "gelu",
+    )
     assert gpt.is_causal and gpt.tie_word_embeddings
     assert bert.norm_position == "post" and not bert.is_causal and bert.embedding_norm
     assert (llama.norm_type, llama.position_embedding_type, llama.mlp_type) == ("rmsnorm", "rope", "swiglu")

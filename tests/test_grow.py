@@ -53,10 +53,18 @@ def test_growth_is_exact_alone_chained_and_regrown(family: str, head: type, data
 @pytest.mark.parametrize("family", FAMILIES)
 def test_float32_growth_is_exact_to_rounding(family: str) -> None:
     head = LoireForMaskedLM if family == "bert-tiny" else LoireForCausalLM
-    model = build(family, head, dtype=torch.float32, hidden_size=128, head_dim=32, num_attention_heads=4, intermediate_size=256)
+    model = build(
+        family, head, dtype=torch.float32, hidden_size=128, head_dim=32, num_attention_heads=4, intermediate_size=256
+    )
     inputs = probe(model, length=16)
     reference = logits(model, inputs)
-    for targets in ({"hidden": 200}, {"ffn": 333}, {"heads": 7}, {"layers": 5}, {"hidden": 170, "ffn": 300, "heads": 5, "layers": 3}):
+    for targets in (
+        {"hidden": 200},
+        {"ffn": 333},
+        {"heads": 7},
+        {"layers": 5},
+        {"hidden": 170, "ffn": 300, "heads": 5, "layers": 3},
+    ):
         assert_exact(reference, logits(grow(model, **targets), inputs), F32)
 
 

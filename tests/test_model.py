@@ -1,6 +1,12 @@
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+)
 
 import loire
 from loire import LoireForCausalLM, LoireForMaskedLM, LoireForSequenceClassification, LoireModel
@@ -151,3 +157,19 @@ def test_random_init_is_seeded() -> None:
 def test_randomize_helper_moves_norms_away_from_identity() -> None:
     model = randomize(LoireForCausalLM(tiny_config("gpt-tiny")))
     assert float((model.model.norm.weight.detach() - 1).abs().mean()) > 0.1
+
+
+def test_rope_tables_equal_hf_llama_at_long_positions() -> None:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from loire.model import rope_cos_sin
+
+    config = LlamaConfig(
+        hidden_size=512, num_attention_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}
+    )
+    positions = torch.arange(0, 32768, 7)[None]
+    cos_hf, sin_hf = LlamaRotaryEmbedding(config)(torch.zeros(1), positions)
+    cos, sin = rope_cos_sin(positions, 128, 500000.0, torch.float32)
+    torch.testing.assert_close(cos[:, 0], cos_hf, rtol=0, atol=0)
+    torch.testing.assert_close(sin[:, 0], sin_hf, rtol=0, atol=0)

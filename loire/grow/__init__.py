@@ -36,7 +36,9 @@ OPERATORS: dict[str, tuple[Operator, str]] = {
 def validate_targets(model: LoirePreTrainedModel, targets: dict[str, Any]) -> dict[str, int]:
     """Check growth targets against the model; returns the ones that actually grow something."""
     if not isinstance(model, LoirePreTrainedModel):
-        raise ValueError(f"grow() needs a Loire model, got {type(model).__name__} (convert it with loire.convert.from_hf)")
+        raise ValueError(
+            f"grow() needs a Loire model, got {type(model).__name__} (convert it with loire.convert.from_hf)"
+        )
     model.config.validate()
     unknown = sorted(set(targets) - set(OPERATORS))
     if unknown:

@@ -53,10 +53,7 @@ def grow_hidden(model: LoirePreTrainedModel, hidden_size: int, *, seed: int = 0)
     n, r = h2 - h1, h1 / h2
     s = math.sqrt(r)
     masked = _needs_mask(model)
-    if config.norm_position == "post":
-        writer = _FREE
-    else:
-        writer = _MEAN if config.norm_type == "layernorm" else _ZERO
+    writer = _FREE if config.norm_position == "post" else _MEAN if config.norm_type == "layernorm" else _ZERO
     # The MLM head's dense layer writes into its norm: masked → free, RMSNorm → zero (act(0) = 0).
     head_writer = _FREE if masked else _ZERO
     noise = Noise(seed, config.initializer_range)
@@ -82,9 +79,7 @@ def grow_hidden(model: LoirePreTrainedModel, hidden_size: int, *, seed: int = 0)
         t = t.detach()
         if p.kind == "embed":  # (rows, H)
             t = pad(t, 1, embed_mode)
-        elif p.kind in ("o_weight", "down_weight"):  # (H, in): new rows
-            t = pad(t, 0, writer)
-        elif p.kind in ("o_bias", "down_bias"):
+        elif p.kind in ("o_weight", "down_weight") or p.kind in ("o_bias", "down_bias"):  # (H, in): new rows
             t = pad(t, 0, writer)
         elif p.kind in ("qkv_weight", "up_weight", "output_embedding", "classifier_weight"):  # (out, H)
             t = pad(t, 1, _FREE)

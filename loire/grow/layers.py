@@ -41,7 +41,8 @@ def grow_layers(
     sources = spread_evenly(old_layers, num_new) if sources is None else sorted(int(s) for s in sources)
     if len(sources) != num_new or any(not 0 <= s < old_layers for s in sources):
         raise ValueError(
-            f"sources={list(sources)} must name {num_new} layer(s) in [0, {old_layers}) to reach {num_hidden_layers} layers"
+            f"sources={list(sources)} must name {num_new} layer(s) in [0, {old_layers}) "
+            f"to reach {num_hidden_layers} layers"
         )
     # new_index[i] = position of old layer i; copies_of[i] = positions of its plug-in copies.
     new_index: dict[int, int] = {}

@@ -1,0 +1,37 @@
+# `make test` and `make demo` work on a fresh machine: they create .venv and install everything.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-all lint demo bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The CPU build of torch first, pinned, so no dependency pulls a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check loire tests bench examples
+
+test: lint
+	$(PY) -m pytest -m "not slow and not gpu"
+
+test-all: lint
+	$(PY) -m pytest
+
+demo: install
+	$(PY) examples/grow_schedule.py
+
+bench: install
+	$(PY) bench/throughput.py
+	$(PY) bench/grow.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
