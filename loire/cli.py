@@ -159,6 +159,110 @@ def grow(
     )
 
 
+def _schedule(preset: str, schedule_file: Path | None):
+    from loire.schedule import Schedule, schedule_preset
+
+    return Schedule.from_yaml(schedule_file) if schedule_file is not None else schedule_preset(preset)
+
+
+def _log_to_console(metrics: dict[str, float], step: int) -> None:
+    logging.getLogger("loire.train").info(
+        "step %d loss %.4f kd %.4f lr %.2e tok/s %.0f",
+        step,
+        metrics["train/loss"],
+        metrics["train/kd_loss"],
+        metrics["train/lr"],
+        metrics["train/tokens_per_s"],
+    )
+
+
+@app.command("train-stage")
+@clean_errors
+def train_stage(
+    domain: Annotated[str, typer.Option(help="Name of the new domain (e.g. NEWS).")],
+    corpus: Annotated[str, typer.Option(help="Corpus folder, file or s3:// prefix.")],
+    out: Annotated[Path, typer.Option(help="Stage folder to write (replaced only when complete).")],
+    parent: Annotated[Path | None, typer.Option(help="The previous stage's folder (none: first stage).")] = None,
+    preset: Annotated[str, typer.Option(help="Schedule preset.")] = "gpt-tiny",
+    schedule: Annotated[Path | None, typer.Option(help="Schedule YAML (overrides --preset).")] = None,
+    strategy: Annotated[
+        str, typer.Option(help="loire, fixed-small, fixed-large, retrain, token-kd, replay, elle.")
+    ] = "loire",
+    steps: Annotated[int | None, typer.Option(help="Override the stage's optimizer steps.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last complete checkpoint.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Grow the parent by the schedule, train on the new corpus, evaluate every seen domain."""
+    from loire.lifelong import run_stage
+
+    result = run_stage(
+        domain,
+        corpus,
+        out,
+        parent=parent,
+        schedule=_schedule(preset, schedule),
+        strategy=strategy,
+        steps=steps,
+        resume=resume,
+        device=device,
+        on_log=_log_to_console,
+    )
+    table = Table(title=f"stage {result.stage} ({domain}, {result.strategy}) → {out}")
+    for column in (*result.ppl, "AP", "AP+", "max |Δlogits| at growth", "FLOPs", "wall s"):
+        table.add_column(column)
+    growth = "-" if result.growth_max_abs_logit_diff is None else f"{result.growth_max_abs_logit_diff:.2g}"
+    ap_plus = "-" if result.ap_plus is None else f"{result.ap_plus:.2f}"
+    table.add_row(
+        *(f"{v:.2f}" for v in result.ppl.values()),
+        f"{result.ap:.2f}",
+        ap_plus,
+        growth,
+        f"{result.flops:.3g}",
+        f"{result.wall_time_s:.0f}",
+    )
+    console.print(table)
+
+
+@app.command()
+@clean_errors
+def lifelong(
+    corpora: Annotated[str, typer.Option(help="Folder (or s3:// prefix) with one corpus folder per domain.")],
+    out: Annotated[Path, typer.Option(help="Output folder: one stage folder per domain, JSON and PNG.")],
+    domains: Annotated[str, typer.Option(help="Comma-separated domains, in order.")] = "WB,NEWS,REV,BIO,CS",
+    strategy: Annotated[
+        str, typer.Option(help="loire, fixed-small, fixed-large, retrain, token-kd, replay, elle.")
+    ] = "loire",
+    preset: Annotated[str, typer.Option(help="Schedule preset.")] = "gpt-tiny",
+    schedule: Annotated[Path | None, typer.Option(help="Schedule YAML (overrides --preset).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Override every stage's optimizer steps.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Run every stage of a strategy and print the PPL / AP / AP+ table."""
+    from loire.lifelong import run_lifelong
+
+    names = [d.strip() for d in domains.split(",") if d.strip()]
+    summary = run_lifelong(
+        corpora, names, out, strategy=strategy, schedule=_schedule(preset, schedule), steps=steps, device=device
+    )
+    console.print(ppl_table(summary))
+    console.print(f"wrote {out / 'lifelong.json'} and {out / 'ppl.png'}")
+
+
+def ppl_table(summary: dict[str, Any]) -> Table:
+    """Stage × domain perplexities with AP and AP+, laid out like ELLE's and LOIRE's tables."""
+    table = Table(title=f"{summary['strategy']}: perplexity after each stage")
+    table.add_column("stage")
+    for domain in summary["domains"]:
+        table.add_column(domain, justify="right")
+    for column in ("AP", "AP+", "FLOPs (cum.)"):
+        table.add_column(column, justify="right")
+    for s in summary["stages"]:
+        cells = [f"{s['ppl'][d]:.2f}" if d in s["ppl"] else "" for d in summary["domains"]]
+        ap_plus = "-" if s["ap_plus"] is None else f"{s['ap_plus']:.2f}"
+        table.add_row(f"{s['stage']} {s['domain']}", *cells, f"{s['ap']:.2f}", ap_plus, f"{s['cumulative_flops']:.3g}")
+    return table
+
+
 def run() -> None:  # pragma: no cover - console entry point
     app(prog_name="loire")
 

@@ -74,14 +74,25 @@ def save_model_atomic(
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer_from is not None:
             copy_tokenizer(tokenizer_from, tmp)
-        old = None
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            os.replace(dst, old)
-        os.replace(tmp, dst)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def publish_dir(tmp: Path, dst: Path) -> None:
+    """Swap a completed folder `tmp` into `dst`; an existing `dst` is removed only after the swap."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)  # put the previous model back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -33,6 +33,15 @@ from loire.config import LoireConfig
 logger = logging.getLogger(__name__)
 
 
+def shifted_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: position i predicts labels[i + 1]; -100 is ignored.
+
+    The labels are shifted (padded with -100), not the logits, so no logits-sized copy is made.
+    """
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
+
+
 class LoireNorm(nn.Module):
     """LayerNorm or RMSNorm, optionally with statistics taken over masked dimensions only.
 
@@ -406,9 +415,7 @@ class LoireForCausalLM(LoirePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             # Next-token prediction: position i predicts labels[i + 1]; -100 is ignored.
-            loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+            loss = shifted_lm_loss(logits, labels)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from loire.grow._surgery import owned_models
 from loire.grow.ffn import grow_ffn
 from loire.grow.heads import grow_heads
 from loire.grow.hidden import grow_hidden
@@ -77,9 +78,11 @@ def grow(
     """
     targets = validate_targets(model, {"layers": layers, "heads": heads, "ffn": ffn, "hidden": hidden, **unknown})
     grown = model
-    for offset, name in enumerate(OPERATORS):
-        if name in targets:
-            grown = OPERATORS[name][0](grown, targets[name], seed=seed + offset)
+    with owned_models() as owned:
+        for offset, name in enumerate(OPERATORS):
+            if name in targets:
+                grown = OPERATORS[name][0](grown, targets[name], seed=seed + offset)
+                owned.add(id(grown))  # an intermediate: the next operator may reuse its tensors
     if grown is model:  # nothing to grow: still return a new, independent model
         grown = grow_ffn(model, model.config.intermediate_size, seed=seed)
     return grown

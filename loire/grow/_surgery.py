@@ -7,7 +7,10 @@ operator can never silently skip a tensor it does not understand.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -85,8 +88,12 @@ def parse_key(key: str, model: LoirePreTrainedModel) -> Param:
 
 
 def parsed_state(model: LoirePreTrainedModel) -> list[tuple[Param, torch.Tensor]]:
-    """(Param, tensor) for every state-dict entry, validated; tensors are the model's own (read only)."""
-    return [(parse_key(k, model), v) for k, v in model.state_dict().items()]
+    """(Param, tensor) for every state-dict entry, validated; tensors are the model's own (read only).
+
+    A tied output embedding is left out: `rebuild` ties it to the grown input embedding.
+    """
+    tied = tied_keys(model)
+    return [(parse_key(k, model), v) for k, v in model.state_dict().items() if k not in tied]
 
 
 def base_key(model: LoirePreTrainedModel, *local: str) -> str:
@@ -107,8 +114,37 @@ class Noise:
         self.std = std
 
     def __call__(self, *shape: int, like: torch.Tensor) -> torch.Tensor:
-        values = torch.randn(*shape, generator=self.generator, dtype=torch.float64) * self.std
-        return values.to(dtype=like.dtype, device=like.device)
+        # Drawn directly in the target dtype (a float64 draw and cast is ~5× slower at 124M scale).
+        values = torch.empty(shape, dtype=like.dtype).normal_(0.0, self.std, generator=self.generator)
+        return values.to(device=like.device)
+
+
+# Models created inside one grow() call: their tensors may be moved into the next model instead of
+# copied, since nobody else holds them. The caller's model is never in this set.
+_OWNED: contextvars.ContextVar[set[int] | None] = contextvars.ContextVar("loire_grow_owned", default=None)
+
+
+@contextlib.contextmanager
+def owned_models() -> Iterator[set[int]]:
+    owned: set[int] = set()
+    token = _OWNED.set(owned)
+    try:
+        yield owned
+    finally:
+        _OWNED.reset(token)
+
+
+def keep(model: LoirePreTrainedModel, tensor: torch.Tensor) -> torch.Tensor:
+    """An unchanged tensor for the new model: reused if `model` is an intermediate of grow(), else copied."""
+    owned = _OWNED.get()
+    return tensor.detach() if owned is not None and id(model) in owned else tensor.detach().clone()
+
+
+def tied_keys(model: LoirePreTrainedModel) -> dict[str, str]:
+    """Tied output key -> the input-embedding key it shares storage with (empty when untied)."""
+    if not model.config.tie_word_embeddings:
+        return {}
+    return dict(getattr(type(model), "_tied_weights_keys", None) or {})
 
 
 def cat(old: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
@@ -125,6 +161,8 @@ def rebuild(model: LoirePreTrainedModel, config: LoireConfig, state: dict[str, t
     with torch.device("meta"):
         new = type(model)(config)
     expected = new.state_dict()
+    for target, source in tied_keys(new).items():
+        state[target] = state[source]
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
         raise RuntimeError(f"surgery produced a state with missing keys {missing} and unexpected keys {extra}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from loire.grow._surgery import Noise, cat, new_config, parsed_state, rebuild
+from loire.grow._surgery import Noise, cat, keep, new_config, parsed_state, rebuild
 from loire.model import LoirePreTrainedModel
 
 
@@ -29,6 +29,6 @@ def grow_heads(model: LoirePreTrainedModel, num_attention_heads: int, *, seed: i
         elif p.kind == "o_weight":  # (H, A): the new heads' columns are zero
             t = cat(t, torch.zeros(t.shape[0], n, dtype=t.dtype, device=t.device), 1)
         else:
-            t = t.detach().clone()
+            t = keep(model, t)
         state[p.key] = t
     return rebuild(model, new_config(model, num_attention_heads=num_attention_heads), state)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from loire.grow._surgery import Noise, base_key, cat, new_config, parsed_state, rebuild
+from loire.grow._surgery import Noise, base_key, cat, keep, new_config, parsed_state, rebuild
 from loire.model import LoireForMaskedLM, LoirePreTrainedModel
 
 # What the residual-stream writers put into the new dims, per layout.
@@ -96,7 +96,7 @@ def grow_hidden(model: LoirePreTrainedModel, hidden_size: int, *, seed: int = 0)
         elif p.kind == "hidden_mask":
             t = cat(t, torch.zeros(n, dtype=t.dtype, device=t.device), 0)
         elif p.kind in ("qkv_bias", "up_bias", "decoder_bias", "classifier_bias", "plugin_lambda"):
-            t = t.clone()
+            t = keep(model, t)
         else:  # every kind parse_key can return is handled above
             raise AssertionError(f"grow_hidden has no rule for {p.key} ({p.kind})")
         state[p.key] = t

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from loire.grow._surgery import layer_key, new_config, parsed_state, rebuild
+from loire.grow._surgery import keep, layer_key, new_config, parsed_state, rebuild
 from loire.model import LoirePreTrainedModel
 
 
@@ -58,9 +58,9 @@ def grow_layers(
     state: dict[str, torch.Tensor] = {}
     for p, t in parsed_state(model):
         if p.layer is None:
-            state[p.key] = t.detach().clone()
+            state[p.key] = keep(model, t)
             continue
-        state[layer_key(model, new_index[p.layer], p.local)] = t.detach().clone()
+        state[layer_key(model, new_index[p.layer], p.local)] = keep(model, t)
         if p.kind == "plugin_lambda":
             continue  # a copy gets its own gate, opened below
         for j in copies_of[p.layer]:

@@ -1,0 +1,466 @@
+"""Lifelong growth schedules: which domain each stage trains on, how the model grows before it, and how long.
+
+A `Schedule` is a start model (a `loire.config` preset plus `overrides`, with the tokenizer's
+vocabulary size) and a sequence of `StageSpec`s, one per incoming domain. Before training stage t
+the model is grown to the totals in `stage.grow` (keys among hidden, ffn, heads, layers, as in
+`loire.grow.grow`); an empty `grow` trains the current model as it is. Schedules load from YAML /
+dicts and are validated as a whole: every error is a ValueError that names the field path
+(`stages[2].grow.width: unknown dimension; allowed: hidden, ffn, heads, layers`), and the sizes are
+simulated through the stages from the preset so no stage shrinks a dimension.
+
+Reasoning behind the presets and defaults:
+
+- **Order Hidden → FFN → MHA → Layer** (LOIRE slides, "Optimized multi-stage growth schedule"):
+  "growing the layers and heads in later stages and having a larger hidden dimension in earlier
+  stages can lead to better model performance"; θ1 ⇒ θ2 = φ_hidden ⇒ θ3 = φ_ffn ⇒ θ4 = φ_mha ⇒
+  θ5 = φ_layer. Each preset therefore grows one dimension per stage, M2 hidden, M3 FFN, M4 heads,
+  M5 layers, over the ELLE domain stream WB, NEWS, REV, BIO, CS.
+- **Sizes M1..M5 are not given in the paper** (growth-methods.md §2.2). Assumption: ELLE's ladder
+  (§3.1), which starts at 6 layers / 384 hidden / 6 heads / 1536 FFN and ends at GPT-2 small
+  (12 / 768 / 12 / 3072) with head_dim 64 fixed. `gpt2-gpu` keeps those end points and reaches them
+  in LOIRE's order; ELLE's update counts (62500, then 20000 per stage), its GPT warmup ratio 0.16,
+  lr 5e-4 and its 5000-update recovery window (as the distillation window) are kept. `gpt-tiny`
+  (and `bert-tiny`) are the same shape at CPU scale: 64 → 128 hidden, 256 → 512 FFN, 2 → 4 heads
+  (head_dim 32), 2 → 4 layers, a few hundred steps of 16 × 64 tokens per stage.
+- **β (per-teacher distillation weights, L_final = L_LM + Σ_{j≤t−1} β_j L_distill-j) is not given
+  in the paper.** `beta=None` means uniform weights 1/(t−1) over the t−1 earlier stages' models
+  (`Schedule.beta_at`); an explicit `beta` lists one weight per earlier stage, oldest first.
+- **Distillation window:** LOIRE's iterative distillation *warmup* is applied for the first
+  `distill_steps` steps of a stage (the teachers are the models at the end of every earlier stage),
+  after which the stage trains on L_LM alone. The first stage has no teacher, so its
+  `distill_steps` must be 0. The presets use about a third of a stage (CPU) or ELLE's 5000 updates
+  of function recovering warmup (GPU). `temperature` softens teacher and student distributions
+  (1.0 = the slides' plain KL; ELLE used 2.0).
+- `lambda_mode` is the plug-in layer mode given to the start config (`plugin_lambda_mode`):
+  "scheduled" (λ ramped 1 → 0 by the trainer) or "learned".
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from loire.config import LAMBDA_MODES, PRESETS, LoireConfig, preset
+from loire.grow import OPERATORS
+
+logger = logging.getLogger(__name__)
+
+DIMENSIONS: tuple[str, ...] = tuple(OPERATORS)  # hidden, ffn, heads, layers
+DOMAINS: tuple[str, ...] = ("WB", "NEWS", "REV", "BIO", "CS")  # ELLE's domain stream, in order
+
+_STAGE_REQUIRED = ("domain", "steps", "lr", "batch_size", "block_size")
+_STAGE_DEFAULTS: dict[str, Any] = {
+    "grow": {},
+    "warmup_steps": 0,
+    "distill_steps": 0,
+    "beta": None,
+    "temperature": 1.0,
+    "max_train_tokens": None,
+}
+_SCHEDULE_KEYS = ("preset", "stages", "seed", "lambda_mode", "tokenizer_vocab_size", "overrides", "defaults")
+# Config fields a schedule sets itself, so `overrides` may not.
+_RESERVED_OVERRIDES = {
+    "vocab_size": "set tokenizer_vocab_size instead",
+    "plugin_lambda_mode": "set lambda_mode instead",
+    "plugin_layers": "growth-time state, set by the layer operator",
+    "hidden_mask": "growth-time state, set by the hidden operator",
+}
+
+
+def _fail(path: str, message: str) -> NoReturn:
+    raise ValueError(f"{path}: {message}")
+
+
+def _int(path: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(path, f"must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(path: str, value: Any, *, positive: bool, lenient: bool = False) -> float:
+    """A finite float (> 0 or >= 0); with `lenient`, numeric strings (PyYAML reads 1e-3 as one) are accepted."""
+    if lenient and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            _fail(path, f"must be a number, got {value!r}")
+    bound = "> 0" if positive else ">= 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(path, f"must be a finite number {bound}, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        _fail(path, f"must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def _check_stage(values: Mapping[str, Any], path: str, *, lenient: bool = False) -> dict[str, Any]:
+    """Validate one stage's fields (context-free checks) and return them normalised."""
+    out = dict(values)
+    domain = values["domain"]
+    if not isinstance(domain, str) or not domain.strip():
+        _fail(f"{path}.domain", f"must be a non-empty str, got {domain!r}")
+    grow = values["grow"]
+    if grow is None:
+        grow = {}
+    if not isinstance(grow, Mapping):
+        _fail(f"{path}.grow", f"must map a dimension ({', '.join(DIMENSIONS)}) to its new total, got {grow!r}")
+    for key, target in grow.items():
+        if key not in DIMENSIONS:
+            _fail(f"{path}.grow.{key}", f"unknown dimension; allowed: {', '.join(DIMENSIONS)}")
+        _int(f"{path}.grow.{key}", target, 1)
+    out["grow"] = {key: grow[key] for key in DIMENSIONS if key in grow}  # canonical order
+    steps = _int(f"{path}.steps", values["steps"], 1)
+    for name in ("warmup_steps", "distill_steps"):
+        if _int(f"{path}.{name}", values[name], 0) > steps:
+            _fail(f"{path}.{name}", f"must be <= steps ({steps}), got {values[name]}")
+    beta = values["beta"]
+    if beta is not None:
+        if isinstance(beta, (str, bytes, Mapping)) or not isinstance(beta, Sequence):
+            _fail(f"{path}.beta", f"must be null (uniform) or a list of weights >= 0, got {beta!r}")
+        out["beta"] = tuple(
+            _number(f"{path}.beta[{j}]", b, positive=False, lenient=lenient) for j, b in enumerate(beta)
+        )
+    out["temperature"] = _number(f"{path}.temperature", values["temperature"], positive=True, lenient=lenient)
+    out["lr"] = _number(f"{path}.lr", values["lr"], positive=True, lenient=lenient)
+    _int(f"{path}.batch_size", values["batch_size"], 1)
+    _int(f"{path}.block_size", values["block_size"], 2)
+    if values["max_train_tokens"] is not None:
+        _int(f"{path}.max_train_tokens", values["max_train_tokens"], 1)
+    return out
+
+
+def _check_keys(data: Any, path: str, allowed: Sequence[str], required: Sequence[str]) -> None:
+    if not isinstance(data, Mapping):
+        _fail(path, f"must be a mapping, got {type(data).__name__}")
+    unknown = [k for k in data if k not in allowed]
+    if unknown:
+        _fail(path, f"unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
+    for key in required:
+        if key not in data:
+            _fail(f"{path}.{key}" if path != "schedule" else key, "required")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSpec:
+    """One stage: grow the model to `grow`'s totals, then train `steps` steps on `domain`.
+
+    - `grow`: new totals for dimensions among hidden, ffn, heads, layers (empty = no growth).
+    - `steps`: optimizer steps; `warmup_steps`: linear learning-rate warmup at the stage start.
+    - `distill_steps`: length of the iterative-distillation warmup window at the stage start,
+      during which L_final = L_LM + Σ_j β_j L_distill-j against every earlier stage's model.
+    - `beta`: one weight per earlier stage, oldest first; None = uniform 1/(t−1) (`Schedule.beta_at`).
+    - `temperature`: distillation temperature (1.0 = plain KL between the distributions).
+    - `lr`, `batch_size` (sequences per step), `block_size` (tokens per sequence).
+    - `max_train_tokens`: cap on the domain's training tokens (None = the whole corpus).
+    """
+
+    domain: str
+    grow: dict[str, int] = field(default_factory=dict)
+    steps: int
+    warmup_steps: int = 0
+    distill_steps: int = 0
+    beta: tuple[float, ...] | None = None
+    temperature: float = 1.0
+    lr: float
+    batch_size: int
+    block_size: int
+    max_train_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        values = _check_stage({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "StageSpec")
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], path: str = "stage") -> StageSpec:
+        """A stage from a mapping; errors name `path` (e.g. "stages[2]") and the field."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        _check_keys(data, path, fields, _STAGE_REQUIRED)
+        values = _check_stage({**_STAGE_DEFAULTS, **data}, path, lenient=True)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (lists, dicts, numbers), ready for YAML or JSON."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["grow"] = dict(self.grow)
+        out["beta"] = None if self.beta is None else list(self.beta)
+        return out
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A start model and its growth stages; validated (with simulated sizes) on construction.
+
+    The start config is `loire.config.preset(preset, **overrides)` with `vocab_size =
+    tokenizer_vocab_size` and `plugin_lambda_mode = lambda_mode`; `seed` seeds training and growth.
+    """
+
+    preset: str
+    stages: tuple[StageSpec, ...]
+    seed: int = 0
+    lambda_mode: str = "scheduled"
+    tokenizer_vocab_size: int = 4096
+    overrides: dict[str, Any] = field(default_factory=dict)
+    _configs: tuple[LoireConfig, ...] = field(init=False, repr=False, compare=False, default=())
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            _fail("preset", f"unknown preset {self.preset!r}; allowed: {', '.join(PRESETS)}")
+        if isinstance(self.stages, (str, bytes, Mapping)) or not isinstance(self.stages, Sequence):
+            _fail("stages", "must be a list of stages")
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if not self.stages:
+            _fail("stages", "must hold at least one stage")
+        for i, stage in enumerate(self.stages):
+            if not isinstance(stage, StageSpec):
+                _fail(f"stages[{i}]", f"must be a StageSpec, got {type(stage).__name__}")
+        _int("seed", self.seed, 0)
+        if self.lambda_mode not in LAMBDA_MODES:
+            _fail("lambda_mode", f"unknown mode {self.lambda_mode!r}; allowed: {', '.join(LAMBDA_MODES)}")
+        _int("tokenizer_vocab_size", self.tokenizer_vocab_size, 2)
+        if not isinstance(self.overrides, Mapping):
+            _fail("overrides", f"must map LoireConfig fields to values, got {self.overrides!r}")
+        object.__setattr__(self, "overrides", dict(self.overrides))
+        object.__setattr__(self, "_configs", self._simulate())
+
+    def _initial(self) -> LoireConfig:
+        known = set(preset(self.preset).to_dict())
+        for key in self.overrides:
+            if key in _RESERVED_OVERRIDES:
+                _fail(f"overrides.{key}", f"not allowed here; {_RESERVED_OVERRIDES[key]}")
+            if key not in known:
+                _fail(f"overrides.{key}", "unknown LoireConfig field")
+        try:
+            return preset(
+                self.preset,
+                **self.overrides,
+                vocab_size=self.tokenizer_vocab_size,
+                plugin_lambda_mode=self.lambda_mode,
+            )
+        except ValueError as err:
+            raise ValueError(f"overrides: {err}") from None
+
+    def _simulate(self) -> tuple[LoireConfig, ...]:
+        """Configs after each stage's growth; checks the cross-stage rules on the way."""
+        config = self._initial()
+        configs = []
+        seen: dict[str, int] = {}
+        for i, stage in enumerate(self.stages):
+            path = f"stages[{i}]"
+            if stage.domain in seen:
+                _fail(f"{path}.domain", f"{stage.domain!r} is already trained at stages[{seen[stage.domain]}]")
+            seen[stage.domain] = i
+            if i == 0 and stage.distill_steps:
+                _fail(f"{path}.distill_steps", "must be 0 at the first stage (no earlier model to distil from)")
+            if stage.beta is not None and len(stage.beta) != i:
+                _fail(f"{path}.beta", f"needs {i} weight(s), one per earlier stage; got {len(stage.beta)}")
+            changes = {}
+            for name, target in stage.grow.items():
+                config_field = OPERATORS[name][1]
+                current = getattr(config, config_field)
+                if target < current:
+                    _fail(
+                        f"{path}.grow.{name}", f"{target} would shrink {config_field} from {current}; growth only adds"
+                    )
+                changes[config_field] = target
+            try:
+                config = config.replace(**changes)
+            except ValueError as err:
+                raise ValueError(f"{path}.grow: {err}") from None
+            if stage.block_size > config.max_position_embeddings:
+                _fail(
+                    f"{path}.block_size",
+                    f"{stage.block_size} exceeds max_position_embeddings ({config.max_position_embeddings})",
+                )
+            configs.append(config)
+        return tuple(configs)
+
+    # ------------------------------------------------------------------ sizes
+
+    def initial_config(self) -> LoireConfig:
+        """The start model's config (M1 before any growth)."""
+        return self._initial()
+
+    def config_at(self, stage_index: int) -> LoireConfig:
+        """Config of the model trained at stage `stage_index` (0-based), i.e. after that stage's growth.
+
+        Only the grown dimensions are simulated (the consolidated architecture); growth-time devices
+        (plug-in layers, hidden mask) and the operators' norm-ε rescaling are not.
+        """
+        self._check_index(stage_index)
+        return copy.deepcopy(self._configs[stage_index])
+
+    def _check_index(self, stage_index: Any) -> None:
+        if isinstance(stage_index, bool) or not isinstance(stage_index, int) or not 0 <= stage_index < len(self):
+            raise ValueError(f"stage_index={stage_index!r} must be an int in [0, {len(self)})")
+
+    def final_config(self) -> LoireConfig:
+        """Config of the last stage's model."""
+        return self.config_at(len(self) - 1)
+
+    def beta_at(self, stage_index: int) -> tuple[float, ...]:
+        """Distillation weights of stage `stage_index` (0-based), one per earlier stage; uniform when unset."""
+        self._check_index(stage_index)
+        stage = self.stages[stage_index]
+        if stage.beta is not None:
+            return stage.beta
+        return (1.0 / stage_index,) * stage_index if stage_index else ()
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        return tuple(stage.domain for stage in self.stages)
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    # ------------------------------------------------------------------ serialisation
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Schedule:
+        """A schedule from a mapping; an optional `defaults` mapping fills fields each stage leaves out."""
+        _check_keys(data, "schedule", _SCHEDULE_KEYS, ("preset", "stages"))
+        defaults = data.get("defaults") or {}
+        stage_fields = [f.name for f in dataclasses.fields(StageSpec)]
+        _check_keys(defaults, "defaults", stage_fields, ())
+        raw_stages = data["stages"]
+        if isinstance(raw_stages, (str, bytes, Mapping)) or not isinstance(raw_stages, Sequence):
+            _fail("stages", "must be a list of stages")
+        stages = []
+        for i, raw in enumerate(raw_stages):
+            _check_keys(raw, f"stages[{i}]", stage_fields, ())
+            stages.append(StageSpec.from_dict({**defaults, **raw}, path=f"stages[{i}]"))
+        kwargs = {k: data[k] for k in ("seed", "lambda_mode", "tokenizer_vocab_size") if k in data}
+        overrides = data.get("overrides")
+        overrides = {} if overrides is None else overrides
+        return cls(preset=data["preset"], stages=tuple(stages), overrides=overrides, **kwargs)
+
+    @classmethod
+    def from_yaml(cls, path_or_text: str | os.PathLike[str]) -> Schedule:
+        """A schedule from a YAML file (a path) or YAML text."""
+        if isinstance(path_or_text, os.PathLike):
+            text = Path(path_or_text).read_text(encoding="utf-8")
+        elif isinstance(path_or_text, str):
+            is_file = "\n" not in path_or_text and len(path_or_text) < 4096 and Path(path_or_text).is_file()
+            text = Path(path_or_text).read_text(encoding="utf-8") if is_file else path_or_text
+        else:
+            raise ValueError(f"from_yaml needs a path or YAML text, got {type(path_or_text).__name__}")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"schedule: invalid YAML: {err}") from None
+        if not isinstance(data, Mapping):
+            raise ValueError(f"schedule: YAML must hold a mapping (or {path_or_text!r} is not a file)")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only; `Schedule.from_dict(s.to_dict()) == s`."""
+        return {
+            "preset": self.preset,
+            "seed": self.seed,
+            "lambda_mode": self.lambda_mode,
+            "tokenizer_vocab_size": self.tokenizer_vocab_size,
+            "overrides": dict(self.overrides),
+            "stages": [stage.to_dict() for stage in self.stages],
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------- presets
+
+
+def _ladder(
+    preset_name: str,
+    overrides: dict[str, Any],
+    growth: Sequence[dict[str, int]],
+    steps: Sequence[int],
+    warmup: Sequence[int],
+    distill: int,
+    vocab: int,
+    **stage: Any,
+) -> Schedule:
+    stages = tuple(
+        StageSpec(
+            domain=domain,
+            grow=dict(grow),
+            steps=n,
+            warmup_steps=w,
+            distill_steps=distill if i else 0,
+            **stage,
+        )
+        for i, (domain, grow, n, w) in enumerate(zip(DOMAINS, growth, steps, warmup, strict=True))
+    )
+    return Schedule(preset=preset_name, stages=stages, tokenizer_vocab_size=vocab, overrides=overrides)
+
+
+# M1 sizes (hidden, ffn, heads, layers); each later stage grows one dimension, in LOIRE's order.
+_TINY_START = dict(
+    hidden_size=64,
+    intermediate_size=256,
+    num_attention_heads=2,
+    head_dim=32,
+    num_hidden_layers=2,
+    max_position_embeddings=128,
+)
+_TINY_GROWTH = ({}, {"hidden": 128}, {"ffn": 512}, {"heads": 4}, {"layers": 4})
+_TINY_STAGE = dict(lr=2e-3, batch_size=16, block_size=64, max_train_tokens=262_144)
+
+_GPU_START = dict(
+    hidden_size=384,
+    intermediate_size=1536,
+    num_attention_heads=6,
+    head_dim=64,
+    num_hidden_layers=6,
+    max_position_embeddings=1024,
+)
+_GPU_GROWTH = ({}, {"hidden": 768}, {"ffn": 3072}, {"heads": 12}, {"layers": 12})
+
+SCHEDULES: dict[str, Schedule] = {
+    # CPU: 64/256/2/2 -> 128/512/4/4 (hidden/ffn/heads/layers), 200 + 4 x 150 steps of 16 x 64 tokens.
+    "gpt-tiny": _ladder(
+        "gpt-tiny", _TINY_START, _TINY_GROWTH, (200, 150, 150, 150, 150), (20, 10, 10, 10, 10), 50, 4096, **_TINY_STAGE
+    ),
+    "bert-tiny": _ladder(
+        "bert-tiny", _TINY_START, _TINY_GROWTH, (200, 150, 150, 150, 150), (20, 10, 10, 10, 10), 50, 4096, **_TINY_STAGE
+    ),
+    # GPU: ELLE's ladder end points 384/1536/6/6 -> GPT-2 small 768/3072/12/12, ELLE's update counts,
+    # warmup ratio 0.16, lr 5e-4 and 5000-update recovery window; 32 x 512 tokens per step.
+    "gpt2-gpu": _ladder(
+        "gpt2",
+        _GPU_START,
+        _GPU_GROWTH,
+        (62_500, 20_000, 20_000, 20_000, 20_000),
+        (10_000, 3_200, 3_200, 3_200, 3_200),
+        5_000,
+        32_768,
+        lr=5e-4,
+        batch_size=32,
+        block_size=512,
+        max_train_tokens=None,
+    ),
+}
+
+
+def schedule_preset(name: str, domains: Sequence[str] | None = None) -> Schedule:
+    """A preset schedule, optionally with its stages' domains renamed (same count, in order)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule preset {name!r}; allowed: {', '.join(SCHEDULES)}")
+    schedule = SCHEDULES[name]
+    if domains is None:
+        return schedule
+    if isinstance(domains, (str, bytes)) or not isinstance(domains, Sequence) or len(domains) != len(schedule):
+        raise ValueError(f"domains={domains!r} must be a list of {len(schedule)} domain names (one per stage)")
+    stages = tuple(dataclasses.replace(s, domain=d) for s, d in zip(schedule.stages, domains, strict=True))
+    return dataclasses.replace(schedule, stages=stages)
+
+
+__all__ = ["DIMENSIONS", "DOMAINS", "SCHEDULES", "Schedule", "StageSpec", "schedule_preset"]

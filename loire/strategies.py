@@ -1,0 +1,174 @@
+"""The compared lifelong strategies behind one interface, and ELLE's (approximate) expansion.
+
+Each strategy is data (`Strategy`) that `loire.lifelong.run_stage` interprets. Sources and the
+assumptions made where the papers leave details open:
+
+- `loire` (Han et al., ICLR 2025): grow by the schedule with the exact operators of `loire.grow`
+  (plug-in layers, λ scheduled 1 → 0 over the warmup), then train with the iterative distillation
+  warmup from *all* earlier stage models (β uniform, linear decay over the window; see
+  `loire.distill`).
+- `fixed-small` (GPT_S): the M1-size model trained continually on each new domain, no growth, no
+  protection against forgetting.
+- `fixed-large` (GPT_L): the final (M5) size from the first stage, trained continually.
+- `retrain` (GPT_R): at every stage a fresh final-size model trained from scratch on all data seen so
+  far, for (stage index × stage steps) steps: the upper bound on knowledge and the most compute.
+- `token-kd` (Token KD): the M1-size model, continual, with token-level logit distillation from the
+  previous stage only (β = 1, the same window and decay as LOIRE). Assumption: the paper does not give
+  the size; M1 isolates the effect of distillation against GPT_S.
+- `replay` (ER, experience replay): the M1-size model, continual, with a memory of earlier domains'
+  training blocks mixed into every batch (replay ratio 0.2). Same size assumption as token-kd.
+- `elle` (Qin et al., ACL Findings 2022; thunlp/ELLE): width/depth expansion by the schedule with
+  bert2BERT-style function-preserving initialisation that is *not* exact (units duplicated, the
+  consumers' input columns divided by the replication count, LayerNorm γ/β copied uncorrected,
+  N(0, 0.01) noise on the copies, copied layers inserted after their originals without a gate), then a
+  function-recovering warmup on the memory of the previous domain (10% of the stage's steps,
+  ELLE's 5k of 62.5k), domain prompt tokens (`<WB>`, `<NEWS>`, …) prepended to every block in
+  training and evaluation, and replay of earlier domains (ratio 0.1 as in ELLE's scripts).
+  ELLE's knowledge-inheritance distillation and its loss-based domain sampling are left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loire.grow._surgery import Noise, cat, layer_key, new_config, parsed_state, rebuild
+from loire.grow.layers import spread_evenly
+from loire.model import LoirePreTrainedModel
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    size: str  # "schedule" (grow M1 → M5), "first" (M1 throughout) or "final" (M5 throughout)
+    growth: str  # "exact", "elle" or "none"
+    distill: str  # "all", "previous" or "none"
+    replay_ratio: float = 0.0
+    from_scratch: bool = False  # retrain on all data seen so far at every stage
+    domain_prompts: bool = False
+    recover_fraction: float = 0.0  # ELLE's function-recovering warmup, as a fraction of the stage's steps
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "loire": Strategy("loire", size="schedule", growth="exact", distill="all"),
+    "fixed-small": Strategy("fixed-small", size="first", growth="none", distill="none"),
+    "fixed-large": Strategy("fixed-large", size="final", growth="none", distill="none"),
+    "retrain": Strategy("retrain", size="final", growth="none", distill="none", from_scratch=True),
+    "token-kd": Strategy("token-kd", size="first", growth="none", distill="previous"),
+    "replay": Strategy("replay", size="first", growth="none", distill="none", replay_ratio=0.2),
+    "elle": Strategy(
+        "elle",
+        size="schedule",
+        growth="elle",
+        distill="none",
+        replay_ratio=0.1,
+        domain_prompts=True,
+        recover_fraction=0.1,
+    ),
+}
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
+def _mapping(old: int, new: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """bert2BERT's g: new unit j ≥ old copies a random old unit; returns (source index per unit, replica count)."""
+    extra = torch.randint(0, old, (new - old,), generator=generator)
+    source = torch.cat([torch.arange(old), extra])
+    counts = torch.bincount(source, minlength=old).to(torch.float64)
+    return source, counts
+
+
+@torch.no_grad()
+def elle_expand(
+    model: LoirePreTrainedModel,
+    *,
+    hidden: int | None = None,
+    ffn: int | None = None,
+    heads: int | None = None,
+    layers: int | None = None,
+    seed: int = 0,
+    noise_std: float = 0.01,
+) -> LoirePreTrainedModel:
+    """ELLE / bert2BERT expansion (approximately function-preserving; see the module docstring)."""
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    noise = Noise(seed + 1, noise_std)
+    h1, h2 = config.hidden_size, hidden or config.hidden_size
+    f1, f2 = config.intermediate_size, ffn or config.intermediate_size
+    a1, a2 = config.num_attention_heads, heads or config.num_attention_heads
+    d = config.head_dim
+    hs, hc = _mapping(h1, h2, generator)
+    fs, fc = _mapping(f1, f2, generator)
+    head_src, head_count = _mapping(a1, a2, generator)
+    # attention-width units: head h's dims come from head_src[h]'s dims
+    as_ = (head_src[:, None] * d + torch.arange(d)[None]).reshape(-1)
+    ac = head_count.repeat_interleave(d)  # replica count of each old attention-width unit
+
+    def grow_out(t: torch.Tensor, source: torch.Tensor, old: int) -> torch.Tensor:
+        """Rows copied (with noise on the copies)."""
+        new = t[source[old:]]
+        return cat(t, new + noise(*new.shape, like=new), 0)
+
+    def grow_in(t: torch.Tensor, source: torch.Tensor, counts: torch.Tensor, old: int) -> torch.Tensor:
+        """Input columns copied and divided by the replica count (originals divided too)."""
+        scale = (1.0 / counts).to(t.dtype)
+        scaled = t * scale
+        new = scaled[:, source[old:]]
+        return cat(scaled, new + noise(*new.shape, like=new), 1)
+
+    state: dict[str, torch.Tensor] = {}
+    for p, t in parsed_state(model):
+        t = t.detach()
+        if p.kind == "embed":
+            t = grow_in(t, hs, torch.ones(h1, dtype=torch.float64), h1)  # columns copied, no division
+        elif p.kind in ("norm_weight", "norm_bias", "head_norm_weight", "head_norm_bias", "hidden_mask"):
+            t = cat(t, t[hs[h1:]], 0)  # LayerNorm copied without correction: ELLE's inexact step
+        elif p.kind == "qkv_weight":
+            t = grow_out(grow_in(t, hs, hc, h1), as_, a1 * d)
+        elif p.kind == "qkv_bias":
+            t = cat(t, t[as_[a1 * d :]], 0)
+        elif p.kind == "o_weight":
+            t = grow_out(grow_in(t, as_, ac, a1 * d), hs, h1)
+        elif p.kind in ("o_bias", "down_bias"):
+            t = cat(t, t[hs[h1:]], 0)
+        elif p.kind == "up_weight":
+            t = grow_out(grow_in(t, hs, hc, h1), fs, f1)
+        elif p.kind == "up_bias":
+            t = cat(t, t[fs[f1:]], 0)
+        elif p.kind == "down_weight":
+            t = grow_out(grow_in(t, fs, fc, f1), hs, h1)
+        elif p.kind == "head_dense_weight":
+            t = grow_out(grow_in(t, hs, hc, h1), hs, h1)
+        elif p.kind == "head_dense_bias":
+            t = cat(t, t[hs[h1:]], 0)
+        elif p.kind in ("output_embedding", "classifier_weight"):
+            t = grow_in(t, hs, hc, h1)
+        else:
+            t = t.clone()
+        state[p.key] = t
+    changed = new_config(model, hidden_size=h2, intermediate_size=f2, num_attention_heads=a2)
+    widened = rebuild(model, changed, state)
+    if not layers or layers == config.num_hidden_layers:
+        return widened
+    return _duplicate_layers(widened, layers)
+
+
+def _duplicate_layers(model: LoirePreTrainedModel, num_layers: int) -> LoirePreTrainedModel:
+    """ELLE's depth expansion: copies inserted right after their originals, no gate (not exact)."""
+    old = model.config.num_hidden_layers
+    sources = spread_evenly(old, num_layers - old)
+    order = [i for i in range(old) for _ in range(1 + sources.count(i))]
+    state: dict[str, torch.Tensor] = {}
+    for p, t in parsed_state(model):
+        if p.layer is None:
+            state[p.key] = t.detach().clone()
+    for new_index, source in enumerate(order):
+        for p, t in parsed_state(model):
+            if p.layer == source:
+                state[layer_key(model, new_index, p.local)] = t.detach().clone()
+    return rebuild(model, new_config(model, num_hidden_layers=num_layers), state)

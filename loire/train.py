@@ -1,0 +1,427 @@
+"""Training a stage: AdamW, warmup + cosine decay, gradient accumulation, checkpoints, resume.
+
+- Deterministic given the seed: the data order is a function of (seed, step), dropout RNG state is
+  checkpointed, so a resumed run reproduces an uninterrupted one.
+- Checkpoints (`checkpoint-<step>/`) are written to a temporary folder and renamed, with a `COMPLETE`
+  marker written last; `resume` continues from the newest complete one. Only safetensors and
+  `weights_only` loads are used. The last `keep_checkpoints` are kept.
+- Growth devices open on a schedule over `device_steps` optimizer steps: λ of plug-in layers
+  1 → 0 (scheduled) or, for learned λ, a cap 1 − progress on the learned value, so both reach 0 at
+  the end of the window; the hidden mask 0 → 1. The caller consolidates after training.
+- bf16 autocast on CUDA. Multi-GPU: run the same command under `torchrun --nproc_per_node=N` (or
+  `accelerate launch`); with WORLD_SIZE > 1 the model is wrapped in DistributedDataParallel and every
+  rank takes its share of each micro-batch; rank 0 writes checkpoints and logs.
+- A non-finite loss raises `TrainingDiverged` at once (nothing is saved from that step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+
+from loire.distill import DistillConfig, TeacherCache, build_teacher_cache, kd_loss
+from loire.flops import flops_per_step
+from loire.model import LoirePreTrainedModel, shifted_lm_loss
+
+logger = logging.getLogger(__name__)
+
+OnLog = Callable[[dict[str, float], int], None]
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    device_steps: int = 0  # λ / mask opening window (0 = devices fully open from step 0)
+    distill: DistillConfig | None = None
+    replay_ratio: float = 0.0  # fraction of each micro-batch drawn from replay memory
+    mlm_probability: float = 0.15  # masked-LM models only
+    checkpoint_every: int = 0  # 0 = no checkpoints
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name}={value!r} must be an int >= 1")
+        for name in ("warmup_steps", "device_steps", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig.{name}={value!r} must be an int >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr={self.lr!r} must be > 0")
+        if not 0.0 <= self.replay_ratio < 1.0:
+            raise ValueError(f"TrainConfig.replay_ratio={self.replay_ratio!r} must lie in [0, 1)")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    wall_time_s: float
+    final_loss: float
+    flops: float
+    teacher_flops: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Batcher:
+    """Deterministic micro-batches: the stream of block indices is a seeded permutation per epoch."""
+
+    def __init__(
+        self,
+        blocks: torch.Tensor,
+        config: TrainConfig,
+        *,
+        replay: torch.Tensor | None = None,
+        is_causal: bool = True,
+        mask_token_id: int | None = None,
+        vocab_size: int | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        if blocks.dim() != 2 or blocks.shape[0] == 0:
+            raise ValueError(f"training blocks must be a non-empty (N, T) tensor, got shape {tuple(blocks.shape)}")
+        if not is_causal and mask_token_id is None:
+            raise ValueError("masked-LM training needs mask_token_id")
+        self.blocks, self.replay, self.config = blocks, replay, config
+        self.is_causal, self.mask_token_id, self.vocab_size = is_causal, mask_token_id, vocab_size
+        self.rank, self.world = rank, world
+        self.num_replay = int(config.batch_size * config.replay_ratio) if replay is not None and len(replay) else 0
+        self._perms: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def _permutation(self, n: int, salt: int, epoch: int) -> torch.Tensor:
+        key = (n, salt, epoch)
+        if key not in self._perms:
+            if len(self._perms) > 8:
+                self._perms.clear()
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + salt * 7919 + epoch)
+            self._perms[key] = torch.randperm(n, generator=generator)
+        return self._perms[key]
+
+    def _indices(self, source: torch.Tensor, start: int, count: int, salt: int) -> torch.Tensor:
+        n = source.shape[0]
+        out = [int(self._permutation(n, salt, pos // n)[pos % n]) for pos in range(start, start + count)]
+        return torch.tensor(out, dtype=torch.long)
+
+    def micro_batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, labels) of micro-batch `micro` of optimizer step `step` (this rank's rows)."""
+        size = self.config.batch_size
+        fresh = size - self.num_replay
+        index = step * self.config.grad_accum + micro
+        rows = self.blocks[self._indices(self.blocks, index * fresh, fresh, salt=0)]
+        if self.num_replay:
+            rows = torch.cat(
+                [rows, self.replay[self._indices(self.replay, index * self.num_replay, self.num_replay, 1)]]
+            )
+        rows = rows[self.rank :: self.world]
+        if self.is_causal:
+            return rows, rows
+        return self._mask(rows, index)
+
+    def _mask(self, rows: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """BERT masking (80% mask token, 10% random, 10% kept), seeded by the micro-batch index."""
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 104_729 + index)
+        chosen = torch.rand(rows.shape, generator=generator) < self.config.mlm_probability
+        labels = torch.where(chosen, rows, torch.full_like(rows, -100))
+        roll = torch.rand(rows.shape, generator=generator)
+        inputs = rows.clone()
+        inputs[chosen & (roll < 0.8)] = self.mask_token_id
+        random_ids = torch.randint(0, self.vocab_size, rows.shape, generator=generator)
+        swap = chosen & (roll >= 0.8) & (roll < 0.9)
+        inputs[swap] = random_ids[swap]
+        return inputs, labels
+
+
+def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to min_lr_ratio at the last step."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        span = max(1, config.steps - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / span)
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, is_causal: bool) -> torch.Tensor:
+    if is_causal:
+        return shifted_lm_loss(logits, labels)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+# ----- checkpoints -----
+def complete_checkpoints(directory: Path) -> list[Path]:
+    found = [p for p in directory.glob("checkpoint-*") if (p / "COMPLETE").is_file() and p.name[11:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[11:]))
+
+
+def save_checkpoint(directory: Path, model: LoirePreTrainedModel, optimizer, scheduler, step: int, keep: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"checkpoint-{step}"
+    tmp = directory / f".tmp-checkpoint-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        "cpu_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    torch.save(state, tmp / "trainer.pt")
+    (tmp / "COMPLETE").write_text(json.dumps({"step": step}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in complete_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model: LoirePreTrainedModel, optimizer, scheduler) -> int:
+    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+    state = torch.load(path / "trainer.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["cpu_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"])
+
+
+# ----- growth devices -----
+@torch.no_grad()
+def open_devices(model: LoirePreTrainedModel, step: int, device_steps: int) -> float:
+    """Set λ / mask for optimizer step `step` (0-based); returns the opening progress in [0, 1]."""
+    progress = 1.0 if device_steps == 0 else min(1.0, (step + 1) / device_steps)
+    if model.config.plugin_lambda_mode == "scheduled":
+        model.set_plugin_lambda(1.0 - progress)
+    else:  # learned λ, capped so that it reaches 0 at the end of the window
+        for block in model.loire_base.layers:
+            if block.plugin_lambda is not None:
+                block.plugin_lambda.clamp_(0.0, 1.0 - progress)
+    model.open_hidden_mask(progress)
+    return progress
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def train(
+    model: LoirePreTrainedModel,
+    blocks: torch.Tensor,
+    config: TrainConfig,
+    *,
+    teachers: list[LoirePreTrainedModel] | None = None,
+    replay: torch.Tensor | None = None,
+    mask_token_id: int | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    on_log: OnLog | None = None,
+) -> TrainResult:
+    """Train `model` in place on packed `blocks` (N, T); returns what happened."""
+    rank, world = _distributed()
+    device = resolve_device(config.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.manual_seed(config.seed)
+    model.to(device).train()
+    is_causal = model.config.is_causal
+    batcher = Batcher(
+        blocks,
+        config,
+        replay=replay,
+        is_causal=is_causal,
+        mask_token_id=mask_token_id,
+        vocab_size=model.config.vocab_size,
+        rank=rank,
+        world=world,
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start, resumed_from = 0, None
+    if resume and ckpt_dir is not None and complete_checkpoints(ckpt_dir):
+        latest = complete_checkpoints(ckpt_dir)[-1]
+        start = resumed_from = load_checkpoint(latest, model, optimizer, scheduler)
+        logger.info("resumed from %s (step %d)", latest, start)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    cache: TeacherCache | None = None
+    teacher_flops = 0.0
+    distill = config.distill if teachers else None
+    if distill is not None and distill.distill_steps > start:
+        window = range(start * config.grad_accum, distill.distill_steps * config.grad_accum)
+        inputs = [batcher.micro_batch(*divmod(i, config.grad_accum))[0] for i in window]
+        cache = build_teacher_cache([t.to(device) for t in teachers], inputs, distill, device)
+        cache_offset = start * config.grad_accum
+        for t in teachers:
+            teacher_flops += len(inputs) * flops_per_step(
+                t.config, inputs[0].shape[0], inputs[0].shape[1], training=False, head=_head(t)
+            )
+        for t in teachers:
+            t.to("cpu")
+
+    block_tokens = blocks.shape[1] * config.batch_size * config.grad_accum
+    step_flops = flops_per_step(model.config, config.batch_size * config.grad_accum, blocks.shape[1], head=_head(model))
+    history: list[dict[str, float]] = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    progress = _Progress(config.steps, start, enabled=config.progress and rank == 0)
+    started = time.perf_counter()
+    window_tokens, window_start = 0, time.perf_counter()
+    loss_value = float("nan")
+    for step in range(start, config.steps):
+        opening = open_devices(model, step, config.device_steps)
+        kd_weight = distill.weight(step) if (distill is not None and cache is not None) else 0.0
+        totals = {"loss": 0.0, "lm": 0.0, "kd": 0.0}
+        for micro in range(config.grad_accum):
+            input_ids, labels = batcher.micro_batch(step, micro)
+            input_ids, labels = input_ids.to(device), labels.to(device)
+            with autocast:
+                logits = net(input_ids=input_ids).logits
+            loss = lm_loss(logits, labels, is_causal)
+            totals["lm"] += loss.item() / config.grad_accum
+            if kd_weight > 0:
+                positions = None if is_causal else labels != -100
+                kd = kd_loss(logits, cache, step * config.grad_accum + micro - cache_offset, positions)
+                totals["kd"] += kd.item() / config.grad_accum
+                loss = loss + kd_weight * kd
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"non-finite training loss ({loss.item()}) at step {step}: the stage is stopped")
+            (loss / config.grad_accum).backward()
+            totals["loss"] += loss.item() / config.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise TrainingDiverged(f"non-finite gradient norm at step {step}: the stage is stopped")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = totals["loss"]
+        window_tokens += block_tokens
+        done = step + 1
+        if rank == 0 and (done % config.log_every == 0 or done == config.steps):
+            elapsed = time.perf_counter() - window_start
+            metrics = {
+                "train/loss": loss_value,
+                "train/lm_loss": totals["lm"],
+                "train/kd_loss": totals["kd"],
+                "train/kd_weight": kd_weight,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/grad_norm": float(grad_norm),
+                "train/device_open": opening,
+                "train/tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                "train/tokens": float(done * block_tokens),
+            }
+            history.append({"step": float(done), **metrics})
+            if on_log is not None:
+                on_log(metrics, done)
+            window_tokens, window_start = 0, time.perf_counter()
+        progress.update(done, loss_value)
+        if rank == 0 and ckpt_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+            save_checkpoint(ckpt_dir, model, optimizer, scheduler, done, config.keep_checkpoints)
+    progress.close()
+    open_devices(model, config.steps, config.device_steps)
+    trained = config.steps - start
+    return TrainResult(
+        steps=config.steps,
+        tokens=config.steps * block_tokens,
+        wall_time_s=time.perf_counter() - started,
+        final_loss=loss_value,
+        flops=trained * step_flops,
+        teacher_flops=teacher_flops,
+        history=history,
+        resumed_from=resumed_from,
+    )
+
+
+def _head(model: LoirePreTrainedModel) -> str:
+    return "causal_lm" if model.config.is_causal else "masked_lm"
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _Progress:
+    """A rich progress bar (loss, tokens/s via rate, ETA) when attached to a terminal."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("train"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
+                TimeRemainingColumn(),
+                transient=True,
+            )
+            self.task = self.bar.add_task("train", total=total, completed=start, loss=float("nan"))
+            self.bar.start()
+
+    def update(self, done: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, loss=loss)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def result_json(result: TrainResult) -> str:
+    return json.dumps(asdict(result))
