@@ -80,7 +80,12 @@ def domain_prompt_token(domain: str) -> str:
 
 def _blocks(corpus: Corpus, split: str, tokenizer, spec: StageSpec, max_tokens: int | None) -> torch.Tensor:
     texts = corpus.train if split == "train" else corpus.valid
-    return encode_corpus(list(texts), tokenizer, spec.block_size, max_tokens=max_tokens)
+    try:
+        return encode_corpus(list(texts), tokenizer, spec.block_size, max_tokens=max_tokens)
+    except ValueError as exc:
+        raise ValueError(
+            f"{corpus.uri}: the {split} split is too small for one block of {spec.block_size} tokens ({exc})"
+        ) from None
 
 
 def _with_prompt(blocks: torch.Tensor, token_id: int) -> torch.Tensor:

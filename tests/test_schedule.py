@@ -194,7 +194,10 @@ def test_presets_follow_hidden_ffn_mha_layer_order(name: str) -> None:
     assert [dims(s.config_at(i)) for i in range(len(s))] == EXPECTED_DIMS[name]
     assert [tuple(stage.grow) for stage in s.stages] == [(), ("hidden",), ("ffn",), ("heads",), ("layers",)]
     assert s.stages[0].distill_steps == 0 and all(stage.distill_steps > 0 for stage in s.stages[1:])
-    assert all(stage.beta is None for stage in s.stages)  # uniform default
+    if name == "gpt2-gpu":
+        assert all(stage.beta is None for stage in s.stages)  # uniform default
+    else:  # tiny presets: uniform teachers with a total weight of 4
+        assert all(sum(stage.beta) == pytest.approx(4.0) for stage in s.stages[1:])
     final = s.final_config()
     assert final.attention_size == final.hidden_size  # heads × head_dim meets the hidden size at the end
 
