@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import datetime as dt
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,13 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import loire  # noqa: E402
+from bench.common import cpu_counters, foreign_share, machine_facts  # noqa: E402
 from loire.grow import grow  # noqa: E402
 from loire.model import num_parameters  # noqa: E402
 
@@ -66,24 +64,6 @@ def _status_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def cpu_counters() -> tuple[int, int]:
-    """(busy clock ticks of the whole machine, clock ticks used by this process) from /proc."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
-        own = [int(v) for v in Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[11:13]]
-        return busy, sum(own)
-    except (OSError, ValueError, IndexError):
-        return 0, 0
-
-
-def foreign_share(before: tuple[int, int], after: tuple[int, int], seconds: float) -> float:
-    """Share of the machine's CPU capacity used by other processes between two `cpu_counters()`."""
-    ticks = os.sysconf("SC_CLK_TCK") * seconds * (os.cpu_count() or 1)
-    other = (after[0] - before[0]) - (after[1] - before[1])
-    return max(0.0, other / ticks) if ticks > 0 else 0.0
 
 
 def rss_bytes() -> int:
@@ -136,27 +116,6 @@ class RssSampler(threading.Thread):
 
 
 # ----------------------------------------------------------------------------- facts
-def machine_facts(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": threads,
-        "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30, 1),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
 def model_bytes(model: torch.nn.Module) -> int:
     tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -17,10 +17,8 @@ JSON (keyed by size) and the Markdown table is re-rendered from all of them.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import loire  # noqa: E402
+from bench.common import cpu_counters, foreign_share, machine_facts  # noqa: E402
 from loire.model import num_parameters  # noqa: E402
 
 # name -> (vocab, hidden, layers, heads, ffn, positions)
@@ -48,44 +47,6 @@ DEFAULT_SHAPE: dict[str, tuple[int, int]] = {"tiny": (8, 128), "small": (8, 256)
 
 
 QUIET_SHARE = 0.10  # a round is "quiet" when other processes used < 10% of the machine's CPU meanwhile
-
-
-def cpu_counters() -> tuple[int, int]:
-    """(busy clock ticks of the whole machine, clock ticks used by this process) from /proc."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait (guest is inside user)
-        own = [int(v) for v in Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[11:13]]
-        return busy, sum(own)
-    except (OSError, ValueError, IndexError):
-        return 0, 0
-
-
-def foreign_share(before: tuple[int, int], after: tuple[int, int], seconds: float) -> float:
-    """Share of the machine's CPU capacity used by other processes between two `cpu_counters()`."""
-    ticks = os.sysconf("SC_CLK_TCK") * seconds * (os.cpu_count() or 1)
-    other = (after[0] - before[0]) - (after[1] - before[1])
-    return max(0.0, other / ticks) if ticks > 0 else 0.0
-
-
-def machine_facts(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
 
 
 def build_models(size: str, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -140,3 +140,29 @@ def test_lifelong_command_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert (out / "ppl.png").stat().st_size > 1000
     missing = runner.invoke(app, ["lifelong", "--corpora", str(root), "--domains", "BIO", "--out", str(out / "x")])
     assert missing.exit_code == 2 and "BIO" in missing.output
+
+
+@pytest.mark.parametrize("strategy", ["loire", "fixed-small", "fixed-large", "retrain", "token-kd", "replay", "elle"])
+def test_every_strategy_runs_two_stages(tmp_path: Path, strategy: str) -> None:
+    a, b = write_corpus(tmp_path / "a", 0), write_corpus(tmp_path / "b", 1)
+    schedule = small_schedule(steps=4)
+    s1 = run_stage("WB", str(a), tmp_path / "s1", schedule=schedule, strategy=strategy, progress=False)
+    s2 = run_stage(
+        "NEWS", str(b), tmp_path / "s2", parent=tmp_path / "s1", schedule=schedule, strategy=strategy, progress=False
+    )
+    record = read_stage(tmp_path / "s2")
+    hidden = record["dims"]["hidden_size"]
+    if strategy in ("fixed-small", "token-kd", "replay"):
+        assert hidden == 64
+    elif strategy in ("loire", "elle"):
+        assert hidden == 128 and read_stage(tmp_path / "s1")["dims"]["hidden_size"] == 64
+    elif strategy in ("fixed-large", "retrain"):
+        assert hidden == 128 and read_stage(tmp_path / "s1")["dims"]["hidden_size"] == 128
+    if strategy == "loire":
+        assert s2.growth_max_abs_logit_diff < 1e-4
+    if strategy == "elle":
+        assert s2.growth_max_abs_logit_diff > 1e-3  # bert2BERT-style expansion is not function-preserving
+    if strategy == "retrain":
+        assert record["train"]["steps"] == 2 * s1.record["train"]["steps"]
+    assert (record["distill"] is not None) == (strategy in ("loire", "token-kd"))
+    assert s2.ap > 0 and s2.ap_plus is not None
