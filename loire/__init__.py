@@ -25,6 +25,16 @@ AutoModelForCausalLM.register(LoireConfig, LoireForCausalLM, exist_ok=True)
 AutoModelForMaskedLM.register(LoireConfig, LoireForMaskedLM, exist_ok=True)
 AutoModelForSequenceClassification.register(LoireConfig, LoireForSequenceClassification, exist_ok=True)
 
+
+
+def __getattr__(name: str):  # lazy: the stage runner pulls in data loading and training
+    if name in ("run_stage", "run_lifelong"):
+        from loire import lifelong
+
+        return getattr(lifelong, name)
+    raise AttributeError(f"module 'loire' has no attribute {name!r}")
+
+
 __all__ = [
     "PRESETS",
     "LoireConfig",
@@ -34,4 +44,6 @@ __all__ = [
     "LoireModel",
     "LoirePreTrainedModel",
     "preset",
+    "run_lifelong",
+    "run_stage",
 ]

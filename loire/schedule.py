@@ -433,34 +433,27 @@ _GPU_START = dict(
 )
 _GPU_GROWTH = ({}, {"hidden": 768}, {"ffn": 3072}, {"heads": 12}, {"layers": 12})
 
+def _tiny_ladder(preset_name: str) -> Schedule:
+    return _ladder(
+        preset_name,
+        _TINY_START,
+        _TINY_GROWTH,
+        (200, 150, 150, 150, 150),
+        (20, 10, 10, 10, 10),
+        150,
+        4096,
+        later_lr=1e-3,
+        beta_total=4.0,
+        **_TINY_STAGE,
+    )
+
+
 SCHEDULES: dict[str, Schedule] = {
     # CPU: 64/256/2/2 -> 128/512/4/4 (hidden/ffn/heads/layers), 200 + 4 x 150 steps of 16 x 64 tokens.
     # Later stages: lr 1e-3 and distillation over the whole stage with a total teacher weight of 4
     # (tuned on WB → NEWS: AP+ 534 with a 50-step window at weight 1, 157 with these settings).
-    "gpt-tiny": _ladder(
-        "gpt-tiny",
-        _TINY_START,
-        _TINY_GROWTH,
-        (200, 150, 150, 150, 150),
-        (20, 10, 10, 10, 10),
-        150,
-        4096,
-        later_lr=1e-3,
-        beta_total=4.0,
-        **_TINY_STAGE,
-    ),
-    "bert-tiny": _ladder(
-        "bert-tiny",
-        _TINY_START,
-        _TINY_GROWTH,
-        (200, 150, 150, 150, 150),
-        (20, 10, 10, 10, 10),
-        150,
-        4096,
-        later_lr=1e-3,
-        beta_total=4.0,
-        **_TINY_STAGE,
-    ),
+    "gpt-tiny": _tiny_ladder("gpt-tiny"),
+    "bert-tiny": _tiny_ladder("bert-tiny"),
     # GPU: ELLE's ladder end points 384/1536/6/6 -> GPT-2 small 768/3072/12/12, ELLE's update counts,
     # warmup ratio 0.16, lr 5e-4 and 5000-update recovery window; 32 x 512 tokens per step.
     "gpt2-gpu": _ladder(

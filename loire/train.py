@@ -366,7 +366,7 @@ def train(
             if on_log is not None:
                 on_log(metrics, done)
             window_tokens, window_start = 0, time.perf_counter()
-        progress.update(done, loss_value)
+        progress.update(done, loss_value, (done - start) * block_tokens / max(time.perf_counter() - started, 1e-9))
         if rank == 0 and ckpt_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
             save_checkpoint(ckpt_dir, model, optimizer, scheduler, done, config.keep_checkpoints)
     progress.close()
@@ -407,16 +407,16 @@ class _Progress:
             self.bar = Progress(
                 TextColumn("train"),
                 BarColumn(),
-                TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
+                TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f} {task.fields[tps]:.0f} tok/s"),
                 TimeRemainingColumn(),
                 transient=True,
             )
-            self.task = self.bar.add_task("train", total=total, completed=start, loss=float("nan"))
+            self.task = self.bar.add_task("train", total=total, completed=start, loss=float("nan"), tps=0.0)
             self.bar.start()
 
-    def update(self, done: int, loss: float) -> None:
+    def update(self, done: int, loss: float, tokens_per_s: float) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, completed=done, loss=loss)
+            self.bar.update(self.task, completed=done, loss=loss, tps=tokens_per_s)
 
     def close(self) -> None:
         if self.bar is not None:
