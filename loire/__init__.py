@@ -26,7 +26,6 @@ AutoModelForMaskedLM.register(LoireConfig, LoireForMaskedLM, exist_ok=True)
 AutoModelForSequenceClassification.register(LoireConfig, LoireForSequenceClassification, exist_ok=True)
 
 
-
 def __getattr__(name: str):  # lazy: the stage runner pulls in data loading and training
     if name in ("run_stage", "run_lifelong"):
         from loire import lifelong

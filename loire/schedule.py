@@ -433,6 +433,7 @@ _GPU_START = dict(
 )
 _GPU_GROWTH = ({}, {"hidden": 768}, {"ffn": 3072}, {"heads": 12}, {"layers": 12})
 
+
 def _tiny_ladder(preset_name: str) -> Schedule:
     return _ladder(
         preset_name,
