@@ -263,6 +263,104 @@ def ppl_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+@app.command("eval-downstream")
+@clean_errors
+def eval_downstream(
+    model_dir: Annotated[Path, typer.Argument(help="A stage (or Loire model) folder with its tokenizer.")],
+    tasks: Annotated[str, typer.Option(help="all, or comma-separated task names of the catalogue.")] = "all",
+    data_root: Annotated[
+        str | None,
+        typer.Option(
+            help="Folder (or s3:// prefix) laid out like shared/data (default: $LOIRE_DATA or ../shared/data)."
+        ),
+    ] = None,
+    budget: Annotated[
+        int | None,
+        typer.Option(help="Max training examples per task; dev/test capped to match (default 500; 0 = all data)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON to this file.")] = None,
+    seeds: Annotated[int, typer.Option(help="Fine-tuning runs per task (seeds 0..N-1), reported as mean ± std.")] = 1,
+    catalogue: Annotated[Path | None, typer.Option(help="Task catalogue YAML (default: loire/tasks/dsp.yaml).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+) -> None:
+    """Fine-tune the model on the DSP downstream tasks and print score, std and majority baseline."""
+    import json
+    import os
+    import time
+
+    from loire.downstream import DEFAULT_BUDGET, TaskFailure, default_data_root, evaluate_downstream, summary
+
+    if budget is not None and budget < 0:
+        raise ValueError(f"--budget {budget}: must be >= 0 (0 = all data)")
+    cap = DEFAULT_BUDGET if budget is None else (budget or None)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads {threads}: must be >= 1")
+        torch.set_num_threads(threads)
+    root = data_root or default_data_root()
+
+    def downstream_table(results: list[Any], title: str) -> Table:
+        """Task × (domain, metric, mean ± std, majority-class baseline); stand-in tasks marked †."""
+        import statistics
+
+        table = Table(title=title)
+        for column in ("task", "domain", "metric", "score (mean ± std)", "majority class", "train/dev/test", "wall s"):
+            table.add_column(column, justify="left" if column in ("task", "domain", "metric") else "right")
+        done = []
+        for r in results:
+            if not r.ok:
+                table.add_row(r.task, r.domain, "-", "[red]failed[/]", "-", "-", "-")
+                continue
+            done.append(r)
+            name = f"{r.task} †" if r.substitute else r.task
+            table.add_row(
+                name,
+                r.domain,
+                r.metric,
+                f"{100 * r.mean:.1f} ± {100 * r.std:.1f}",
+                f"{100 * r.majority:.1f}",
+                f"{r.n_train}/{r.n_dev}/{r.n_test}",
+                f"{r.wall_time_s:.0f}",
+            )
+        if done:
+            mean = statistics.fmean(r.mean for r in done)
+            majority = statistics.fmean(r.majority for r in done)
+            table.add_row("average", "", "", f"{100 * mean:.1f}", f"{100 * majority:.1f}", "", "")
+        return table
+
+    started = time.perf_counter()
+    with console.status("fine-tuning") as status:
+
+        def progress(result: Any) -> None:
+            status.update(f"fine-tuning: {result.task} done")
+
+        results = evaluate_downstream(
+            model_dir, tasks, root, budget=cap, seeds=seeds, catalogue=catalogue, device=device, on_result=progress
+        )
+    wall = time.perf_counter() - started
+    console.print(
+        downstream_table(results, title=f"{model_dir}: downstream fine-tuning (budget {cap or 'all'}, {seeds} seed(s))")
+    )
+    stand_ins = [r for r in results if getattr(r, "substitute", None)]
+    for r in stand_ins:
+        console.print(f"† {r.task}: {r.substitute}", highlight=False)
+    if out is not None:
+        record = summary(
+            results, model_dir=str(model_dir), data_root=str(root), budget=cap, seeds=seeds, wall_time_s=wall
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, out)
+        console.print(f"wrote {out} ({wall:.0f} s)")
+    failures = [r for r in results if isinstance(r, TaskFailure)]
+    for failure in failures:
+        err_console.print(f"[bold red]error:[/] task {failure.task}: {failure.error}", highlight=False, soft_wrap=True)
+    if failures:
+        raise typer.Exit(code=2)
+
+
 def run() -> None:  # pragma: no cover - console entry point
     app(prog_name="loire")
 
