@@ -44,6 +44,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import os
 import logging
 import re
 import shutil
@@ -163,7 +164,7 @@ def is_valid_document(text: str, valid_fraction: float) -> bool:
 
 
 def load_corpus(
-    uri: str,
+    uri: str | os.PathLike[str],
     *,
     valid_fraction: float = 0.05,
     max_document_chars: int = 1_000_000,
@@ -184,6 +185,7 @@ def load_corpus(
         raise ValueError(f"max_files={max_files!r} must be an int >= 1")
     if isinstance(exclude, str):
         exclude = (exclude,)
+    uri = os.fspath(uri)
 
     fs, files = _list_files(uri, max_files=max_files, exclude=exclude)
     total_bytes = sum(size for _, _, size in files)

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,12 +122,19 @@ def run_stage(
     tokenizer: str | None = None,
     teachers: Sequence[str] | None = None,
     corpus_etag: str | None = None,
+    source_uri: str | None = None,
+    earlier_corpora: Mapping[str, str] | None = None,
     device: str = "auto",
     max_eval_blocks: int = 32,
     on_log: OnLog | None = None,
     progress: bool = True,
 ) -> StageResult:
-    """Run one lifelong stage and write its folder to `out_dir` (see the module docstring)."""
+    """Run one lifelong stage and write its folder to `out_dir` (see the module docstring).
+
+    `corpus` is where the new domain's data is read; `source_uri` (default: `corpus`) is the URI recorded in
+    the lineage, e.g. the s3:// batch a pipeline copied to a local cache. Earlier domains are read from
+    `earlier_corpora[domain]` when given, else from the `corpus_uri` their lineage entry recorded.
+    """
     started = time.perf_counter()
     out = Path(out_dir)
     strat = get_strategy(strategy)
@@ -175,7 +182,8 @@ def run_stage(
             logger.info("stage %d: grew %s, max |Δlogits| %.3g", t, targets, growth_diff)
 
     # 3. data of earlier domains: replay memory, retraining, ELLE's recovery warmup, evaluation
-    earlier = {entry["domain"]: load_corpus(entry["corpus_uri"]) for entry in lineage}
+    where = dict(earlier_corpora or {})
+    earlier = {entry["domain"]: load_corpus(where.get(entry["domain"], entry["corpus_uri"])) for entry in lineage}
     prompt_ids = {d: tok.convert_tokens_to_ids(domain_prompt_token(d)) for d in [*earlier, domain]}
 
     def prompted(blocks: torch.Tensor, d: str) -> torch.Tensor:
@@ -274,7 +282,7 @@ def run_stage(
         "strategy": strat.name,
         "schedule": sched.to_dict(),
         "corpus": {
-            "uri": corpus,
+            "uri": source_uri or corpus,
             "etag": corpus_etag,
             "digest": data.digest,
             "files": list(data.files),
@@ -283,7 +291,10 @@ def run_stage(
             "train_tokens": int(train_blocks.numel()),
         },
         "parent": None if parent is None else {"dir": str(Path(parent).resolve()), "stage": t - 1},
-        "lineage": [*lineage, {"stage": t, "domain": domain, "model_dir": str(out.resolve()), "corpus_uri": corpus}],
+        "lineage": [
+            *lineage,
+            {"stage": t, "domain": domain, "model_dir": str(out.resolve()), "corpus_uri": source_uri or corpus},
+        ],
         "growth": {"targets": targets, "operator": strat.growth, "max_abs_logit_diff": growth_diff},
         "dims": {
             "hidden_size": model.config.hidden_size,

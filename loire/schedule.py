@@ -449,12 +449,38 @@ def _tiny_ladder(preset_name: str) -> Schedule:
     )
 
 
+_MICRO_START = dict(
+    hidden_size=32,
+    intermediate_size=128,
+    num_attention_heads=2,
+    head_dim=16,
+    num_hidden_layers=1,
+    max_position_embeddings=64,
+)
+_MICRO_GROWTH = ({}, {"hidden": 48}, {"ffn": 192}, {"heads": 3}, {"layers": 2})
+
 SCHEDULES: dict[str, Schedule] = {
     # CPU: 64/256/2/2 -> 128/512/4/4 (hidden/ffn/heads/layers), 200 + 4 x 150 steps of 16 x 64 tokens.
     # Later stages: lr 1e-3 and distillation over the whole stage with a total teacher weight of 4
     # (tuned on WB → NEWS: AP+ 534 with a 50-step window at weight 1, 157 with these settings).
     "gpt-tiny": _tiny_ladder("gpt-tiny"),
     "bert-tiny": _tiny_ladder("bert-tiny"),
+    # CPU, seconds per stage: the same ladder at a quarter of the width, for `loire demo --quick` and tests.
+    "gpt-micro": _ladder(
+        "gpt-tiny",
+        _MICRO_START,
+        _MICRO_GROWTH,
+        (60, 40, 40, 40, 40),
+        (6, 4, 4, 4, 4),
+        40,
+        512,
+        later_lr=1e-3,
+        beta_total=4.0,
+        lr=3e-3,
+        batch_size=8,
+        block_size=32,
+        max_train_tokens=32_768,
+    ),
     # GPU: ELLE's ladder end points 384/1536/6/6 -> GPT-2 small 768/3072/12/12, ELLE's update counts,
     # warmup ratio 0.16, lr 5e-4 and 5000-update recovery window; 32 x 512 tokens per step.
     "gpt2-gpu": _ladder(

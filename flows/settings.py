@@ -1,0 +1,110 @@
+"""Pipeline settings: one validated object, read from `LOIRE_*` environment variables or a YAML file.
+
+Everything a stage needs besides the arrival itself: where models and checkpoints live, which
+schedule and strategy grow the model, the registry name, the promotion gates, which downstream
+tasks to run and how the GPU part is started. Validation errors name the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "LOIRE_"
+
+
+class PipelineSettings(BaseModel):
+    """Settings of the lifelong pipeline (defaults: the embedded, CPU, tiny configuration)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    work_dir: str = Field(
+        default_factory=lambda: str(Path.home() / ".loire" / "work"),
+        description="Local folder for corpus caches, stage folders and checkpoints (shared by the stage and "
+        "train flows; a shared volume when they run on different machines).",
+    )
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI).")
+    model_name: str = Field("loire-lm", description="Registered model that receives one version per stage.")
+    experiment: str = Field("loire", description="MLflow experiment of the stage runs.")
+    schedule: str = Field("gpt-tiny", description="Growth schedule preset name or YAML path.")
+    strategy: str = Field("loire", description="Lifelong strategy (see loire.strategies.STRATEGIES).")
+    steps: int | None = Field(None, ge=1, description="Override of the schedule's steps per stage.")
+    device: str = Field("auto", description="auto, cpu or cuda for training.")
+    train_mode: Literal["in-process", "deployment"] = Field(
+        "in-process",
+        description="in-process: the train flow runs as a subflow of the stage flow (embedded mode); deployment: "
+        "run_deployment of `train_deployment` on the GPU work pool.",
+    )
+    train_deployment: str = Field("train-stage/train-stage", description="flow-name/deployment-name.")
+    max_ap_plus: float | None = Field(
+        50.0, description="Promotion gate: AP+ at or below this (None: no AP+ gate). Perplexity points."
+    )
+    downstream_tolerance: float = Field(
+        0.02, ge=0, description="Promotion gate: downstream average may fall this much below the champion's."
+    )
+    downstream_tasks: str = Field(
+        "seen", description="'seen' (the catalogue's tasks of every seen domain), 'none', or comma-separated names."
+    )
+    downstream_data_root: str | None = Field(None, description="Root of the task files (default: loire's).")
+    downstream_catalogue: str | None = Field(None, description="Task catalogue YAML (default: loire's dsp.yaml).")
+    downstream_budget: int | None = Field(300, ge=0, description="Max train examples per task (0 = all).")
+    downstream_seeds: int = Field(1, ge=1, description="Fine-tuning seeds per task.")
+    max_object_bytes: int = Field(2 * 1024**3, ge=1, description="Largest corpus object fetched from S3.")
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        from loire.strategies import STRATEGIES
+
+        if value not in STRATEGIES:
+            raise ValueError(f"{value!r} is not one of {sorted(STRATEGIES)}")
+        return value
+
+    def resolved_tracking_uri(self) -> str | None:
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def _error(exc: ValidationError, source: str) -> ValueError:
+    parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    return ValueError(f"{source}: invalid pipeline settings: " + "; ".join(parts))
+
+
+def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """`LOIRE_<FIELD>` environment variables (upper-case field names) as a dict of raw values."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    for name in PipelineSettings.model_fields:
+        value = env.get(ENV_PREFIX + name.upper())
+        if value is not None:
+            raw[name] = None if value.lower() in ("", "none", "null") else value
+    return raw
+
+
+def load_settings(
+    overrides: PipelineSettings | dict[str, Any] | None = None, *, path: str | os.PathLike[str] | None = None
+) -> PipelineSettings:
+    """Settings from (lowest first) defaults, `LOIRE_SETTINGS` / `path` YAML, `LOIRE_*` variables, `overrides`."""
+    if isinstance(overrides, PipelineSettings):
+        return overrides
+    raw: dict[str, Any] = {}
+    file = path or os.environ.get(ENV_PREFIX + "SETTINGS")
+    source = "settings"
+    if file:
+        source = str(file)
+        try:
+            loaded = yaml.safe_load(Path(file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"{file}: cannot read pipeline settings ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{file}: pipeline settings must be a mapping, got {type(loaded).__name__}")
+        raw.update(loaded)
+    raw.update(from_env())
+    raw.update(overrides or {})
+    try:
+        return PipelineSettings(**raw)
+    except ValidationError as exc:
+        raise _error(exc, source) from None

@@ -1,0 +1,46 @@
+"""Pipeline settings: defaults, LOIRE_* variables, YAML, and errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.settings import PipelineSettings, load_settings
+
+
+def test_defaults_env_yaml_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in PipelineSettings.model_fields:
+        monkeypatch.delenv(f"LOIRE_{name.upper()}", raising=False)
+    monkeypatch.delenv("LOIRE_SETTINGS", raising=False)
+    assert load_settings().strategy == "loire" and load_settings().train_mode == "in-process"
+    file = tmp_path / "pipeline.yaml"
+    file.write_text("schedule: gpt-micro\nmax_ap_plus: 10\n")
+    monkeypatch.setenv("LOIRE_SETTINGS", str(file))
+    monkeypatch.setenv("LOIRE_MAX_AP_PLUS", "none")
+    monkeypatch.setenv("LOIRE_DOWNSTREAM_BUDGET", "64")
+    settings = load_settings({"device": "cpu"})
+    assert settings.schedule == "gpt-micro" and settings.max_ap_plus is None
+    assert settings.downstream_budget == 64 and settings.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"strategy": "magic"}, "strategy"),
+        ({"train_mode": "cluster"}, "train_mode"),
+        ({"downstream_budget": -1}, "downstream_budget"),
+        ({"unknown_field": 1}, "unknown_field"),
+    ],
+)
+def test_invalid_settings_name_the_field(raw: dict, message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOIRE_SETTINGS", raising=False)
+    with pytest.raises(ValueError, match=message):
+        load_settings(raw)
+
+
+def test_unreadable_settings_file_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: pipeline settings must be a mapping"):
+        load_settings(path=bad)
