@@ -361,6 +361,47 @@ def eval_downstream(
         raise typer.Exit(code=2)
 
 
+@app.command("demo")
+@clean_errors
+def demo(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="The micro schedule and a small downstream budget (~3 min).")
+    ] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Real corpora and tasks laid out like shared/data (default: the synthetic generator)."),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option(help="Folder for the landing zone, MLflow DB, Prefect home, stages, logs.")
+    ] = Path("loire-demo"),
+) -> None:
+    """The whole event-driven pipeline on this machine: local Prefect server, MLflow on SQLite, five domains."""
+    # The pipeline lives in `flows` (Prefect, MLflow): imported here only, so `loire` itself stays free of them.
+    from flows.demo import run_demo
+
+    results = run_demo(quick=quick, data=data, out=out, console=console)
+    if any("error" in r for r in results):
+        raise typer.Exit(code=1)
+
+
+@app.command("lineage")
+@clean_errors
+def lineage(
+    model: Annotated[str, typer.Option("--model", help="Registered model name.")] = "loire-lm",
+    alias: Annotated[str, typer.Option(help="Start from this alias or version number.")] = "champion",
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI).")
+    ] = None,
+) -> None:
+    """The chain of stage versions in the MLflow registry, from stage 1 to the alias (default: champion)."""
+    from flows.tracking import Tracker, render_lineage
+
+    chain = Tracker(tracking_uri=tracking_uri, model_name=model).lineage(alias)
+    if not chain:
+        raise ValueError(f"--model {model}: no version behind {alias!r} in the registry")
+    console.print(render_lineage(chain))
+
+
 def run() -> None:  # pragma: no cover - console entry point
     app(prog_name="loire")
 

@@ -44,8 +44,8 @@ import gzip
 import hashlib
 import importlib.util
 import json
-import os
 import logging
+import os
 import re
 import shutil
 import tempfile
