@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all lint demo bench clean
+.PHONY: install test test-all lint demo demo-quick growth-demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ install: $(STAMP)
 
 lint: install
 	$(PY) -m ruff check .
-	$(PY) -m ruff format --check loire tests bench examples
+	$(PY) -m ruff format --check loire flows infra tests bench examples
 
 test: lint
 	$(PY) -m pytest -m "not slow and not gpu"
@@ -26,7 +26,15 @@ test: lint
 test-all: lint
 	$(PY) -m pytest
 
+# The embedded default: local Prefect server, MLflow on SQLite, the five domains through the pipeline.
 demo: install
+	$(VENV)/bin/loire demo --out loire-demo
+
+demo-quick: install
+	$(VENV)/bin/loire demo --quick --out loire-demo-quick
+
+# Growth alone: every operator on the three families, with the measured |Δlogits|.
+growth-demo: install
 	$(PY) examples/grow_schedule.py
 
 bench: install
@@ -34,4 +42,4 @@ bench: install
 	$(PY) bench/grow.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache loire-demo loire-demo-quick

@@ -723,8 +723,11 @@ def load_classifier(
     if labels is not None:
         config.id2label = dict(enumerate(labels))
         config.label2id = {label: i for i, label in enumerate(labels)}
-    torch.manual_seed(seed)
-    model = LoireForSequenceClassification(config)
+    from loire.io import MODEL_INIT_LOCK
+
+    with MODEL_INIT_LOCK:
+        torch.manual_seed(seed)
+        model = LoireForSequenceClassification(config)
     model.model.load_state_dict(base_state, strict=True)
     return model
 

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from loire.config import LoireConfig
@@ -34,6 +35,12 @@ TOKENIZER_FILES = (
 )
 
 
+# transformers' `from_pretrained` builds models under process-wide patches (default dtype, init
+# functions, meta-device creation ops), so a model built in another thread meanwhile can come out
+# wrong (meta tensors). Prefect runs tasks in threads: every model construction here holds this lock.
+MODEL_INIT_LOCK = threading.RLock()
+
+
 def load_model(path: str | os.PathLike[str]) -> LoirePreTrainedModel:
     """Load a Loire model folder; only safetensors weights are accepted (no pickle)."""
     folder = Path(path)
@@ -47,7 +54,8 @@ def load_model(path: str | os.PathLike[str]) -> LoirePreTrainedModel:
     names = config.architectures or ["LoireForCausalLM"]
     if names[0] not in MODEL_CLASSES:
         raise ValueError(f"{folder}/config.json: architectures={names} is not one of {sorted(MODEL_CLASSES)}")
-    return MODEL_CLASSES[names[0]].from_pretrained(folder, use_safetensors=True)
+    with MODEL_INIT_LOCK:
+        return MODEL_CLASSES[names[0]].from_pretrained(folder, use_safetensors=True)
 
 
 def copy_tokenizer(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[str]:

@@ -1,0 +1,259 @@
+"""`loire demo`: the whole event-driven path on one machine, with nothing to install beyond the package.
+
+It starts a local Prefect server (SQLite under OUT/prefect) and a process serving the pipeline's
+deployments, uses MLflow on `sqlite:///OUT/mlflow.db` (unless MLFLOW_TRACKING_URI is set) and a
+local landing zone OUT/landing. It then drops the five domain corpora (WB, NEWS, REV, BIO, CS) into
+the landing zone one after another, each as `<domain>/batch-0001/` with its `_SUCCESS` marker
+written last; the watcher flow sees each marker and starts the stage deployment, which grows,
+distils, trains, evaluates, registers and promotes. It ends with the AP / AP+ table, the lineage
+and where to look. Without `--data`, the corpora and downstream tasks come from the deterministic
+synthetic generator `loire.synthetic` (the demo says so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+DOMAINS = ("WB", "NEWS", "REV", "BIO", "CS")
+
+
+@dataclass(frozen=True)
+class DemoProfile:
+    schedule: str
+    downstream_budget: int
+    downstream_tasks: str
+    stage_timeout_s: float
+
+
+QUICK = DemoProfile(schedule="gpt-micro", downstream_budget=60, downstream_tasks="seen", stage_timeout_s=300)
+FULL = DemoProfile(schedule="gpt-tiny", downstream_budget=200, downstream_tasks="seen", stage_timeout_s=900)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None, what: str = "") -> None:
+    """Poll `url` until it answers 200; fail with the process's log tail if it exits or times out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode} before {url} answered")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} did not answer at {url} within {timeout_s:.0f} s")
+
+
+@contextlib.contextmanager
+def background(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A child process with its output in `log`, terminated (then killed) on exit."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as sink:
+        process = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def demo_env(out: Path, profile: DemoProfile, data_root: Path, catalogue: str | None, api_url: str) -> dict[str, str]:
+    """Environment of the demo's processes: local Prefect server, MLflow on SQLite, pipeline settings."""
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(out / "prefect"),
+        PREFECT_API_URL=api_url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_LOGGING_LEVEL=env.get("PREFECT_LOGGING_LEVEL", "INFO"),
+        PREFECT_RESULTS_PERSIST_BY_DEFAULT="true",
+        PREFECT_LOCAL_STORAGE_PATH=str(out / "prefect" / "storage"),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        LOIRE_WORK_DIR=str(out / "work"),
+        LOIRE_SCHEDULE=profile.schedule,
+        LOIRE_DEVICE="cpu",
+        LOIRE_DOWNSTREAM_TASKS=profile.downstream_tasks,
+        LOIRE_DOWNSTREAM_BUDGET=str(profile.downstream_budget),
+        LOIRE_DOWNSTREAM_DATA_ROOT=str(data_root),
+    )
+    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+    if catalogue is not None:
+        env["LOIRE_DOWNSTREAM_CATALOGUE"] = catalogue
+    else:
+        env.pop("LOIRE_DOWNSTREAM_CATALOGUE", None)
+    return env
+
+
+def drop_corpus(source: Path, landing: Path, domain: str, batch: str = "batch-0001") -> Path:
+    """Copy a corpus folder into the landing zone, then write `_SUCCESS` last (the trigger)."""
+    dest = landing / domain / batch
+    tmp = landing / f".{domain}-{batch}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dest)
+    (dest / "_SUCCESS").write_text("")
+    return dest
+
+
+def wait_flow_run(run_id: str, timeout_s: float) -> Any:
+    """The flow run once it reaches a final state."""
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            if run.state is not None and run.state.is_final():
+                return run
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"flow run {run_id} still {run.state.name if run.state else '?'} after {timeout_s} s"
+                )
+            time.sleep(1.0)
+
+
+def _corpus_source(data: Path | None, out: Path, console: Console) -> tuple[Path, str | None]:
+    """(data root laid out like shared/data, task catalogue or None for loire's DSP catalogue)."""
+    if data is not None:
+        if not (data / "corpora").is_dir():
+            raise ValueError(
+                f"--data {data}: no corpora/ folder (expected corpora/<domain>/*.jsonl, as in shared/data)"
+            )
+        console.print(f"corpora and downstream tasks: real data under {data}")
+        return data, None
+    from loire.synthetic import generate
+
+    root = generate(out / "synthetic")
+    console.print(
+        f"corpora and downstream tasks: [bold]synthetic[/] (deterministic generator loire.synthetic, in {root});"
+        " pass --data ../shared/data for the real five domains"
+    )
+    return root, str(root / "tasks.yaml")
+
+
+def summary_table(results: list[dict[str, Any]]) -> Table:
+    table = Table(title="LOIRE lifelong stages (embedded demo)")
+    for column in ("stage", "domain", "version", "AP", "AP+", "downstream avg", "champion", "note"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(
+            str(r.get("stage", "-")),
+            r.get("domain", "-"),
+            str(r.get("version", "-")),
+            f"{r['ap']:.1f}" if r.get("ap") is not None else "-",
+            f"{r['ap_plus']:.1f}" if r.get("ap_plus") is not None else "-",
+            f"{100 * r['downstream_average']:.1f}" if r.get("downstream_average") is not None else "-",
+            "yes" if r.get("promoted") else "no",
+            "; ".join(r.get("reasons") or []) or r.get("error", ""),
+        )
+    return table
+
+
+def run_demo(*, quick: bool, data: Path | None, out: Path, console: Console | None = None) -> list[dict[str, Any]]:
+    """Run the embedded pipeline over the five domains; returns one result dict per stage."""
+    console = console or Console()
+    profile = QUICK if quick else FULL
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    landing = out / "landing"
+    landing.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    data_root, catalogue = _corpus_source(data, out, console)
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = demo_env(out, profile, data_root, catalogue, api_url)
+    os.environ.update({k: v for k, v in env.items() if k.startswith(("PREFECT_", "MLFLOW_", "LOIRE_"))})
+    server_cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    results: list[dict[str, Any]] = []
+    with background(server_cmd, env, out / "logs" / "prefect-server.log") as server:
+        console.print(f"starting the Prefect server on {api_url} ...")
+        wait_http(f"{api_url}/health", 120, server, "prefect server")
+        with background([sys.executable, "-m", "flows.serve"], env, out / "logs" / "serve.log") as served:
+            _wait_deployments(served, timeout_s=120)
+            from flows.watch import watch_corpora
+
+            for domain in DOMAINS:
+                batch = drop_corpus(data_root / "corpora" / domain.lower(), landing, domain)
+                console.print(f"[bold]{domain}[/]: corpus landed at {batch}")
+                run_ids = watch_corpora(str(landing), max_polls=1, poll_seconds=0.0)
+                if not run_ids:
+                    raise RuntimeError(f"the watcher started no stage for {batch}")
+                run = wait_flow_run(run_ids[-1], profile.stage_timeout_s)
+                result = _stage_result(run, domain)
+                results.append(result)
+                console.print(
+                    f"  stage flow run {run.name} {run.state.name}: "
+                    + (
+                        f"version {result.get('version')}, AP {result.get('ap', float('nan')):.1f}"
+                        if "ap" in result
+                        else result.get("error", "")
+                    )
+                )
+    console.print(summary_table(results))
+    _print_lineage(console)
+    console.print(
+        f"\ndone in {time.perf_counter() - started:.0f} s. Where to look:\n"
+        f"  MLflow:  mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}  (registered model loire-lm)\n"
+        f"  Prefect: PREFECT_HOME={out / 'prefect'} prefect server start  (flow runs, artifacts lifelong-ppl,"
+        " lifelong-lineage)\n"
+        f"  logs:    {out / 'logs'}; stage folders: {out / 'work' / 'stages'}"
+    )
+    return results
+
+
+def _wait_deployments(served: subprocess.Popen[bytes], timeout_s: float) -> None:
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            if served.poll() is not None:
+                raise RuntimeError(f"the serve process exited with code {served.returncode} (see logs/serve.log)")
+            with contextlib.suppress(Exception):
+                client.read_deployment_by_name("lifelong-stage/lifelong-stage")
+                return
+            time.sleep(1.0)
+    raise RuntimeError("the pipeline deployments were not registered in time (see logs/serve.log)")
+
+
+def _stage_result(run: Any, domain: str) -> dict[str, Any]:
+    if run.state.is_completed():
+        try:
+            return dict(run.state.result())
+        except Exception as exc:  # result not persisted: report what the state says
+            return {"domain": domain, "error": f"completed, result unavailable ({exc})"}
+    return {"domain": domain, "error": f"{run.state.name}: {run.state.message or ''}".strip()}
+
+
+def _print_lineage(console: Console) -> None:
+    from flows.tracking import Tracker, render_lineage
+
+    try:
+        chain = Tracker().lineage("champion")
+    except Exception as exc:
+        console.print(f"[yellow]no lineage to show: {exc}[/]")
+        return
+    console.print(render_lineage(chain))

@@ -1,0 +1,394 @@
+"""One lifelong stage, started by the watcher for one arrival (a `_SUCCESS` marker in the landing zone).
+
+The story of a stage:
+  1. skip it if this arrival (batch URI + ETag) already has a registered version (exactly once);
+  2. resolve the parent: the registry's `champion` (none for the first stage) and its ancestors,
+     downloaded as stage folders (the parent to grow, the teachers to distil from);
+  3. fetch the new corpus (and the earlier domains' corpora) to a local cache and validate it;
+  4. grow, distil and train: the `train-stage` flow, a subflow here in embedded mode or a
+     `run_deployment` on the GPU work pool;
+  5. log perplexity on every seen domain, AP, AP+, FLOPs and growth |Δlogits| to the stage's MLflow run;
+  6. fine-tune on the downstream tasks of the seen domains (mapped task runs);
+  7. register the model as a new version (alias `candidate`), then promote it to `champion` only
+     if the gates pass; otherwise say why and leave the champion where it is;
+  8. publish Prefect artifacts: the stage × domain table, the lineage with MLflow links, the PPL plot.
+
+Everything between tasks is a URI, a path or an id. Retries are on I/O tasks only; a failed
+training, a bad corpus or a diverged loss fails the flow run (the exception propagates).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
+
+from flows.downstream import downstream_eval
+from flows.landing import Arrival, fetch_batch, fetch_uri
+from flows.settings import PipelineSettings, load_settings
+from flows.tracking import Gates, Tracker
+from flows.train import train_stage
+from loire.data import load_corpus
+from loire.lifelong import read_stage
+from loire.metrics import average_perplexity
+
+IO_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
+
+
+def _safe(text: str) -> str:
+    """A file-name-safe rendering of an id (ETags can hold quotes and dashes)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
+
+
+# ------------------------------------------------------------------------------------------- I/O tasks
+@task(name="find-existing-version", **IO_RETRIES)
+def find_existing(settings: PipelineSettings, batch_uri: str, etag: str) -> dict[str, Any] | None:
+    version = _tracker(settings).find_arrival(batch_uri, etag)
+    return None if version is None else {"version": str(version.version), "run_id": version.run_id}
+
+
+@task(name="resolve-parent", **IO_RETRIES)
+def resolve_parent(settings: PipelineSettings) -> dict[str, Any]:
+    """The champion's stage folder and those of all its ancestors (teachers), downloaded to the work dir."""
+    tracker = _tracker(settings)
+    champion = tracker.champion()
+    if champion is None:
+        return {"version": None, "parent_dir": None, "teacher_dirs": [], "lineage": []}
+    chain = tracker.lineage(champion.version)
+    models = Path(settings.work_dir) / "models" / settings.model_name
+    dirs = [str(tracker.download_stage(entry["version"], models / f"v{entry['version']}")) for entry in chain]
+    return {"version": champion.version, "parent_dir": dirs[-1], "teacher_dirs": dirs, "lineage": chain}
+
+
+@task(name="fetch-corpus", **IO_RETRIES)
+def fetch_corpus(settings: PipelineSettings, arrival: dict[str, Any]) -> str:
+    """The arrival's data files as a local folder (S3 objects downloaded once, atomically)."""
+    arr = Arrival.from_params(arrival)
+    dest = Path(settings.work_dir) / "corpora" / arr.domain / f"{_safe(arr.batch)}-{_safe(arr.etag)}"
+    return str(fetch_batch(arr, dest, max_object_bytes=settings.max_object_bytes))
+
+
+@task(name="fetch-earlier-corpora", **IO_RETRIES)
+def fetch_earlier(settings: PipelineSettings, parent_dir: str | None) -> dict[str, str]:
+    """Local copies of the corpora of every domain seen before (replay, evaluation, retraining)."""
+    if parent_dir is None:
+        return {}
+    cache = Path(settings.work_dir) / "corpora"
+    out: dict[str, str] = {}
+    for entry in read_stage(parent_dir)["lineage"]:
+        uri = entry["corpus_uri"]
+        out[entry["domain"]] = str(fetch_uri(uri, cache / "by-uri", max_object_bytes=settings.max_object_bytes))
+    return out
+
+
+@task(name="validate-corpus")
+def validate_corpus(corpus_dir: str, batch_uri: str) -> dict[str, int]:
+    """Load the corpus once before any training: a `CorpusError` names the file and line and fails the stage."""
+    corpus = load_corpus(corpus_dir)
+    get_run_logger().info(
+        "corpus %s: %d train / %d validation documents from %d file(s)",
+        batch_uri,
+        len(corpus.train),
+        len(corpus.valid),
+        len(corpus.files),
+    )
+    return {"train_documents": len(corpus.train), "valid_documents": len(corpus.valid)}
+
+
+@task(name="start-mlflow-run", **IO_RETRIES)
+def start_run(settings: PipelineSettings, arr: Arrival, stage: int, parent_version: str | None) -> str:
+    params = {
+        "stage": stage,
+        "domain": arr.domain,
+        "parent_version": parent_version or "none",
+        "schedule": settings.schedule,
+        "strategy": settings.strategy,
+        "steps": settings.steps,
+        "device": settings.device,
+        "lambda_policy": "scheduled to 0 over the distillation warmup, then consolidated",
+        "gates.max_ap_plus": settings.max_ap_plus,
+        "gates.downstream_tolerance": settings.downstream_tolerance,
+        "arrival.key": arr.key,
+    }
+    return _tracker(settings).start_stage_run(
+        stage=stage,
+        domain=arr.domain,
+        flow_run_id=flow_run.get_id(),
+        params=params,
+        corpus_uri=arr.batch_uri,
+        corpus_etag=arr.etag,
+    )
+
+
+@task(name="log-stage", **IO_RETRIES)
+def log_stage(settings: PipelineSettings, run_id: str, out_dir: str, plot: str | None) -> None:
+    record = read_stage(out_dir)
+    tracker = _tracker(settings)
+    tracker.log_stage_metrics(run_id, record, plot=plot)
+    schedule = record["schedule"]["stages"][min(record["stage"], len(record["schedule"]["stages"])) - 1]
+    tracker.log_params(
+        run_id,
+        {
+            "dims": record["dims"],
+            "growth": record["growth"]["targets"],
+            "beta": schedule.get("beta"),
+            "distill_steps": schedule.get("distill_steps"),
+            "train_tokens": record["train"]["tokens"],
+        },
+    )
+
+
+@task(name="register-model", **IO_RETRIES)
+def register(settings: PipelineSettings, run_id: str, out_dir: str, parent_version: str | None) -> str:
+    return str(_tracker(settings).register_stage(run_id, Path(out_dir), parent_version=parent_version).version)
+
+
+@task(name="promote", **IO_RETRIES)
+def promote(
+    settings: PipelineSettings,
+    version: str,
+    ap_plus: float | None,
+    downstream_average: float | None,
+    downstream_scores: dict[str, float],
+) -> dict[str, Any]:
+    gates = Gates(max_ap_plus=settings.max_ap_plus, downstream_tolerance=settings.downstream_tolerance)
+    decision = _tracker(settings).promote(
+        version, gates, ap_plus=ap_plus, downstream_average=downstream_average, downstream_scores=downstream_scores
+    )
+    return {"promoted": decision.promoted, "reasons": decision.reasons, "previous": decision.previous_champion}
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _tracker(settings: PipelineSettings) -> Tracker:
+    return Tracker(
+        tracking_uri=settings.resolved_tracking_uri(), model_name=settings.model_name, experiment=settings.experiment
+    )
+
+
+def _stage_dir(settings: PipelineSettings, arr: Arrival) -> Path:
+    """Keyed by the arrival, so a retried flow run finds its checkpoints and resumes."""
+    return Path(settings.work_dir) / "stages" / f"{arr.domain}-{_safe(arr.batch)}-{_safe(arr.etag)}"
+
+
+def _seen_task_names(settings: PipelineSettings, domains: list[str]) -> list[str]:
+    from loire.downstream import load_catalogue
+
+    choice = settings.downstream_tasks.strip()
+    if choice == "none":
+        return []
+    catalogue = load_catalogue(settings.downstream_catalogue)
+    if choice == "seen":
+        return [name for name, spec in catalogue.items() if spec.domain in domains]
+    return [n.strip() for n in choice.split(",") if n.strip()]
+
+
+def _train(settings: PipelineSettings, params: dict[str, Any]) -> dict[str, Any]:
+    if settings.train_mode == "in-process":
+        return train_stage(**params)
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(name=settings.train_deployment, parameters=params, as_subflow=True)
+    if run.state is None or not run.state.is_completed():
+        raise RuntimeError(f"train-stage run {run.id} ended {run.state.name if run.state else 'unknown'}")
+    return run.state.result()
+
+
+def _plot(out_dir: str) -> str | None:
+    """PPL per domain across stages (from the stage's matrix), as a PNG beside the stage folder."""
+    from loire.lifelong import plot_ppl
+
+    record = read_stage(out_dir)
+    domains = [e["domain"] for e in record["lineage"]]
+    stages = [{"stage": i + 1, "ppl": row} for i, row in enumerate(record["ppl_matrix"])]
+    path = Path(out_dir).parent / f"{Path(out_dir).name}.ppl.png"
+    try:
+        plot_ppl({"strategy": record["strategy"], "domains": domains, "stages": stages}, path)
+    except Exception as exc:  # a plot is nice to have, never a reason to fail a stage
+        get_run_logger().warning("PPL plot failed: %s", exc)
+        return None
+    return str(path)
+
+
+def ppl_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Stage × domain perplexity rows with AP per stage (the Prefect table artifact)."""
+    domains = [e["domain"] for e in record["lineage"]]
+    rows = []
+    for i, row in enumerate(record["ppl_matrix"]):
+        seen = [row[d] for d in domains[: i + 1] if d in row]
+        out: dict[str, Any] = {"stage": i + 1, "domain": domains[i]}
+        out.update({d: round(row[d], 2) if d in row else "" for d in domains})
+        out["AP"] = round(average_perplexity(seen), 2)
+        rows.append(out)
+    rows[-1]["AP+"] = "" if record["ap_plus"] is None else round(record["ap_plus"], 2)
+    return rows
+
+
+def _end_run(settings: PipelineSettings, run_id: str, *, failed: bool) -> None:
+    try:
+        _tracker(settings).end_stage_run(run_id, failed=failed)
+    except Exception as exc:  # the stage's outcome stands; the run's status is cosmetic
+        get_run_logger().warning("could not close MLflow run %s: %s", run_id, exc)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _mlflow_links(settings: PipelineSettings, version: str, run_id: str) -> tuple[str, str]:
+    uri = settings.resolved_tracking_uri() or ""
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base}/#/models/{settings.model_name}/versions/{version}", f"{base}/#/experiments/0/runs/{run_id}"
+
+
+def _publish(
+    settings: PipelineSettings,
+    record: dict[str, Any],
+    version: str,
+    run_id: str,
+    decision: dict[str, Any],
+    downstream: list[dict[str, Any]],
+    plot: str | None,
+) -> None:
+    create_table_artifact(
+        ppl_rows(record),
+        key="lifelong-ppl",
+        description=f"PPL per seen domain after each stage (stage {record['stage']})",
+    )
+    chain = _tracker(settings).lineage(version)
+    model_link, run_link = _mlflow_links(settings, version, run_id)
+    lines = [
+        f"# Stage {record['stage']} ({record['domain']}): `{settings.model_name}` version {version}",
+        "",
+        f"- promotion: **{'champion' if decision['promoted'] else 'not promoted'}**"
+        + ("" if decision["promoted"] else f" — {'; '.join(decision['reasons'])}"),
+        f"- AP {record['ap']:.2f}, AP+ {_fmt(record['ap_plus'])}",
+        f"- growth {json.dumps(record['growth']['targets'])}, max |Δlogits| {record['growth']['max_abs_logit_diff']}",
+        f"- MLflow: [model version]({model_link}) · [run]({run_link})"
+        + ("" if (settings.resolved_tracking_uri() or "").startswith("http") else " (start `mlflow ui` to open)"),
+        "",
+        "| version | stage | domain | corpus | aliases |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {e['version']} | {e['stage']} | {e['domain']} | `{e['corpus_uri']}` | {', '.join(e['aliases'])} |"
+        for e in chain
+    ]
+    if downstream:
+        lines += ["", "| task | domain | score | majority |", "|---|---|---|---|"]
+        lines += [
+            f"| {r['task']} | {r['domain']} | "
+            + (
+                f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f} | {100 * r['majority']:.1f} |"
+                if r["ok"]
+                else "failed | - |"
+            )
+            for r in downstream
+        ]
+    if plot is not None and os.path.getsize(plot) < 400_000:
+        encoded = base64.b64encode(Path(plot).read_bytes()).decode()
+        lines += ["", f"![perplexity per domain](data:image/png;base64,{encoded})"]
+    create_markdown_artifact("\n".join(lines), key="lifelong-lineage", description="lineage and promotion")
+
+
+# ------------------------------------------------------------------------------------------- the flow
+@flow(name="lifelong-stage", log_prints=False)
+def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = None) -> dict[str, Any]:
+    """Grow, distil, train, evaluate, register and (maybe) promote the stage model for one arrival."""
+    logger = get_run_logger()
+    cfg = load_settings(settings)
+    arr = Arrival.from_params(arrival)
+    logger.info("arrival %s (domain %s, ETag %s)", arr.batch_uri, arr.domain, arr.etag)
+
+    existing = find_existing(cfg, arr.batch_uri, arr.etag)
+    if existing is not None:
+        logger.info("arrival already registered as version %s: nothing to do", existing["version"])
+        return {"version": existing["version"], "skipped": True}
+
+    parent = resolve_parent(cfg)
+    corpus_dir = fetch_corpus(cfg, arrival)
+    validate_corpus(corpus_dir, arr.batch_uri)
+    earlier = fetch_earlier(cfg, parent["parent_dir"])
+    stage = 1 if parent["parent_dir"] is None else int(read_stage(parent["parent_dir"])["stage"]) + 1
+    run_id = start_run(cfg, arr, stage, parent["version"])
+
+    try:
+        out_dir = _stage_dir(cfg, arr)
+        summary = _train(
+            cfg,
+            dict(
+                domain=arr.domain,
+                corpus_dir=corpus_dir,
+                source_uri=arr.batch_uri,
+                etag=arr.etag,
+                out_dir=str(out_dir),
+                parent_dir=parent["parent_dir"],
+                teacher_dirs=parent["teacher_dirs"],
+                earlier_corpora=earlier,
+                schedule=cfg.schedule,
+                strategy=cfg.strategy,
+                steps=cfg.steps,
+                device=cfg.device,
+                mlflow_run_id=run_id,
+                tracking_uri=cfg.resolved_tracking_uri(),
+            ),
+        )
+        plot = _plot(str(out_dir))
+        log_stage(cfg, run_id, str(out_dir), plot)
+
+        record = read_stage(out_dir)
+        domains = [e["domain"] for e in record["lineage"]]
+        names = _seen_task_names(cfg, domains)
+        downstream = (
+            downstream_eval(
+                str(out_dir),
+                names,
+                data_root=cfg.downstream_data_root,
+                budget=cfg.downstream_budget,
+                seeds=cfg.downstream_seeds,
+                catalogue=cfg.downstream_catalogue,
+                mlflow_run_id=run_id,
+                tracking_uri=cfg.resolved_tracking_uri(),
+            )
+            if names
+            else []
+        )
+        scores = [r["mean"] for r in downstream if r["ok"]]
+        average = sum(scores) / len(scores) if scores else None
+
+        version = register(cfg, run_id, str(out_dir), parent["version"])
+        decision = promote(
+            cfg, version, summary["ap_plus"], average, {r["task"]: r["mean"] for r in downstream if r["ok"]}
+        )
+        if decision["promoted"]:
+            logger.info("version %s is the new champion (was %s)", version, decision["previous"])
+        else:
+            logger.warning(
+                "version %s not promoted: %s; champion stays %s",
+                version,
+                "; ".join(decision["reasons"]),
+                decision["previous"],
+            )
+        _publish(cfg, record, version, run_id, decision, downstream, plot)
+    except BaseException:
+        _end_run(cfg, run_id, failed=True)
+        raise
+    _end_run(cfg, run_id, failed=False)
+    return {
+        "version": version,
+        "stage": record["stage"],
+        "domain": record["domain"],
+        "ap": record["ap"],
+        "ap_plus": record["ap_plus"],
+        "downstream_average": average,
+        "promoted": decision["promoted"],
+        "reasons": decision["reasons"],
+        "run_id": run_id,
+        "skipped": False,
+    }

@@ -1,0 +1,136 @@
+"""The GPU part of a stage: grow, distil and train one stage model (`loire.lifelong.run_stage`).
+
+Its own flow so it can be deployed on a `gpu` work pool and started by the stage flow with
+`run_deployment` (or called in-process as a subflow in the embedded mode). It passes paths and ids,
+never tensors: the stage folder it writes is the result.
+
+Resume: checkpoints live beside `out_dir` and are keyed by the arrival (the stage flow names
+`out_dir` after domain and ETag), so a retry after a crash continues from the last complete
+checkpoint; a retry after training finished finds the complete stage folder and returns it at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from loire.lifelong import STAGE_FILE, read_stage, run_stage
+from loire.schedule import schedule_preset
+
+OnLog = Callable[[dict[str, float], int], None]
+
+
+def stage_summary(record: dict[str, Any], out_dir: str) -> dict[str, Any]:
+    """The JSON-small part of a stage record that the stage flow needs (no loss history)."""
+    return {
+        "out_dir": out_dir,
+        "stage": record["stage"],
+        "domain": record["domain"],
+        "ppl": record["ppl"],
+        "ap": record["ap"],
+        "ap_plus": record["ap_plus"],
+        "flops": record["flops"],
+        "wall_time_s": record["wall_time_s"],
+        "growth": record["growth"],
+        "dims": record["dims"],
+        "resumed_from": record["train"]["resumed_from"],
+    }
+
+
+def _progress_reporter(total_steps: int) -> OnLog:
+    """An on_log callback that moves a Prefect progress artifact (at most every 2% of the steps)."""
+    artifact_id = create_progress_artifact(progress=0.0, key="train-progress", description="training steps done (%)")
+    last = [0.0]
+
+    def report(metrics: dict[str, float], step: int) -> None:
+        percent = min(100.0, 100.0 * step / max(1, total_steps))
+        if percent - last[0] >= 2.0 or percent >= 100.0:
+            update_progress_artifact(artifact_id=artifact_id, progress=percent)
+            last[0] = percent
+
+    return report
+
+
+def _chain(*callbacks: OnLog | None) -> OnLog:
+    active = [c for c in callbacks if c is not None]
+
+    def on_log(metrics: dict[str, float], step: int) -> None:
+        for callback in active:
+            try:
+                callback(metrics, step)
+            except Exception as exc:  # reporting must never stop training
+                logging.getLogger(__name__).warning("on_log callback failed: %s", exc)
+
+    return on_log
+
+
+def _tracker_callback(mlflow_run_id: str | None, tracking_uri: str | None) -> OnLog | None:
+    if mlflow_run_id is None:
+        return None
+    from flows.tracking import Tracker
+
+    return Tracker(tracking_uri=tracking_uri).on_log(mlflow_run_id)
+
+
+@flow(name="train-stage", log_prints=False)
+def train_stage(
+    domain: str,
+    corpus_dir: str,
+    source_uri: str,
+    etag: str,
+    out_dir: str,
+    parent_dir: str | None = None,
+    teacher_dirs: list[str] | None = None,
+    earlier_corpora: dict[str, str] | None = None,
+    schedule: str = "gpt-tiny",
+    strategy: str = "loire",
+    steps: int | None = None,
+    device: str = "auto",
+    mlflow_run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """Grow the parent by the schedule, train on the corpus (with distillation), write the stage folder."""
+    logger = get_run_logger()
+    out = Path(out_dir)
+    if (out / STAGE_FILE).is_file():
+        logger.info("stage folder %s is already complete: training is not repeated", out)
+        return stage_summary(read_stage(out), out_dir)
+    sched = schedule_preset(schedule)
+    stage_index = 1 if parent_dir is None else int(read_stage(parent_dir)["stage"]) + 1
+    spec = sched.stages[min(stage_index, len(sched.stages)) - 1]
+    total = steps if steps is not None else spec.steps
+    logger.info(
+        "training stage %d (%s) from %s, %d steps, strategy %s", stage_index, domain, parent_dir, total, strategy
+    )
+    result = run_stage(
+        domain,
+        corpus_dir,
+        out,
+        parent=parent_dir,
+        schedule=sched,
+        strategy=strategy,
+        steps=steps,
+        resume=True,  # a retried run continues from the last complete checkpoint, if any
+        teachers=teacher_dirs,
+        corpus_etag=etag,
+        source_uri=source_uri,
+        earlier_corpora=earlier_corpora,
+        device=device,
+        on_log=_chain(_tracker_callback(mlflow_run_id, tracking_uri), _progress_reporter(total)),
+        progress=False,
+    )
+    if result.record["train"]["resumed_from"] is not None:
+        logger.info("resumed from checkpoint step %s", result.record["train"]["resumed_from"])
+    logger.info(
+        "stage %d done: AP %.2f, AP+ %s, max|Δlogits| %s",
+        result.stage,
+        result.ap,
+        result.ap_plus,
+        result.growth_max_abs_logit_diff,
+    )
+    return stage_summary(result.record, out_dir)
