@@ -86,6 +86,8 @@ def demo_env(out: Path, profile: DemoProfile, data_root: Path, catalogue: str | 
         PREFECT_HOME=str(out / "prefect"),
         PREFECT_API_URL=api_url,
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_RUNNER_POLL_FREQUENCY="1",  # pick a stage run up at once (default: every 10 s)
+        PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS="2",  # re-check an ENQUEUEd stage soon
         PREFECT_LOGGING_LEVEL=env.get("PREFECT_LOGGING_LEVEL", "INFO"),
         PREFECT_RESULTS_PERSIST_BY_DEFAULT="true",
         PREFECT_LOCAL_STORAGE_PATH=str(out / "prefect" / "storage"),
@@ -97,6 +99,9 @@ def demo_env(out: Path, profile: DemoProfile, data_root: Path, catalogue: str | 
         LOIRE_DOWNSTREAM_TASKS=profile.downstream_tasks,
         LOIRE_DOWNSTREAM_BUDGET=str(profile.downstream_budget),
         LOIRE_DOWNSTREAM_DATA_ROOT=str(data_root),
+        # Fine-tuning a demo-sized model on a few dozen examples moves scores by several points from
+        # noise alone: the demo tolerates 10 points before it keeps the champion (production: 0.02).
+        LOIRE_DOWNSTREAM_TOLERANCE=env.get("LOIRE_DOWNSTREAM_TOLERANCE", "0.1"),
     )
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
     if catalogue is not None:
@@ -167,7 +172,8 @@ def summary_table(results: list[dict[str, Any]]) -> Table:
             f"{r['ap_plus']:.1f}" if r.get("ap_plus") is not None else "-",
             f"{100 * r['downstream_average']:.1f}" if r.get("downstream_average") is not None else "-",
             "yes" if r.get("promoted") else "no",
-            "; ".join(r.get("reasons") or []) or r.get("error", ""),
+            "; ".join(x.removeprefix("fail: ") for x in r.get("reasons") or [] if x.startswith("fail"))
+            or r.get("error", ""),
         )
     return table
 

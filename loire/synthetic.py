@@ -107,9 +107,9 @@ def generate(root: str | Path, *, documents: int = 400, task_examples: int = 120
             "labels": topics,
             "metric": "macro_f1",
             "max_length": 64,
-            "epochs": 2,
-            "lr": 2.0e-3,
-            "patience": 1,
+            "epochs": 6,
+            "lr": 3.0e-3,
+            "patience": 2,
             "seeds": [0],
         }
     (out / "tasks.yaml").write_text(yaml.safe_dump(catalogue, sort_keys=False))

@@ -16,5 +16,8 @@ def prefect_api() -> Iterator[str]:
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=90):
-        yield str(PREFECT_API_URL.value())
+    with pytest.MonkeyPatch.context() as mp:
+        # An ENQUEUEd stage re-checks its deployment's concurrency slot after 2 s (default 30 s).
+        mp.setenv("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", "2")
+        with prefect_test_harness(server_startup_timeout=90):
+            yield str(PREFECT_API_URL.value())

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("stage-flow")
-    data = generate(root / "data", documents=80, task_examples=24)
+    data = generate(root / "data", documents=200, task_examples=24)
     settings = PipelineSettings(
         work_dir=str(root / "work"),
         tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
