@@ -1,4 +1,4 @@
-"""Fixtures of the pipeline tests: real servers on loopback, started by the tests that need them."""
+"""Fixtures of the pipeline tests: moto, mlflow server and Prefect server (shared with tests/reliability)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.flows.servers_aws import *  # noqa: F403
-from tests.flows.servers_mlflow import *  # noqa: F403
+__all__ = ["prefect_api"]
 
 
 @pytest.fixture(scope="session")
