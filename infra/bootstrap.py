@@ -1,0 +1,537 @@
+"""Idempotent bootstrap of a LOIRE stack: work pools, bucket + arrival queue + notification, registered model.
+
+Safe to run any number of times: every step reads what exists first and creates or updates only what is
+missing or different, so a second run prints `exists` for everything and changes nothing. `--dry-run` only
+reads (and says what it would do).
+
+    python infra/bootstrap.py --endpoint-url http://localhost:8333 --bucket loire --prefix domains/ --no-queue
+
+Defaults come from the variables the services themselves read (AWS_ENDPOINT_URL, LOIRE_BUCKET, LOIRE_PREFIX,
+LOIRE_QUEUE, LOIRE_MODEL_NAME, MLFLOW_TRACKING_URI, PREFECT_API_URL), so the compose one-shot service passes
+almost nothing. Exit codes: 0 done, 2 a problem to fix (one line on stderr), 1 `prefect deploy` failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S_TEMPLATE = Path(__file__).resolve().parent / "k8s" / "gpu-base-job-template.json"
+NOTIFICATION_ID = "loire-arrivals"
+MARKER_SUFFIX = "_SUCCESS"  # a domain is complete when its marker lands, never on a single shard
+ARRIVAL_EVENTS = ["s3:ObjectCreated:*"]
+WATCHER_DEPLOYMENT = "watch-corpora/watch-corpora"
+# Long polling by default, a visibility timeout far above one watcher round trip (start a run, delete the
+# message), and the 14-day maximum retention so arrivals survive a long outage of the stack.
+QUEUE_ATTRIBUTES = {
+    "ReceiveMessageWaitTimeSeconds": "20",
+    "VisibilityTimeout": "300",
+    "MessageRetentionPeriod": "1209600",
+}
+MODEL_DESCRIPTION = "LOIRE lifelong language model: one version per domain stage; alias `champion` is the promoted one."
+T = TypeVar("T")
+
+
+class BootstrapError(RuntimeError):
+    """A problem the user has to fix; printed as one line."""
+
+
+@dataclass
+class Log:
+    """Prints one line per resource and keeps them (tests read them); in dry-run mode it never writes."""
+
+    dry_run: bool
+    lines: list[str] = field(default_factory=list)
+
+    def say(self, status: str, what: str) -> None:
+        line = f"{status:<13} {what}"
+        self.lines.append(line)
+        print(line, flush=True)
+
+    def apply(self, action: str, what: str, write: Callable[[], T]) -> T | None:
+        """Run `write` (action is "create" or "update") unless this is a dry run; None when nothing was written."""
+        if self.dry_run:
+            self.say(f"would {action}", what)
+            return None
+        result = write()
+        self.say(f"{action}d", what)
+        return result
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Errors of a service that is not up yet (compose starts everything at once)."""
+    import httpx
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
+
+    return (ConnectionError, EndpointConnectionError, ConnectionClosedError, httpx.TransportError)
+
+
+def retrying(step: Callable[[], T], *, wait_s: float, what: str, log: Log) -> T | None:
+    """Run an idempotent step, repeating it while `what` is unreachable for up to `wait_s` seconds."""
+    deadline = time.monotonic() + wait_s
+    delay = 1.0
+    while True:
+        try:
+            return step()
+        except _transient_errors() as exc:
+            if log.dry_run:  # a dry run reports and goes on: it is often used before anything is up
+                log.say("unreachable", f"{what} ({exc})")
+                return None
+            if time.monotonic() + delay > deadline:
+                raise BootstrapError(f"{what} is not reachable ({exc}); is it running? (--wait SECONDS)") from exc
+            time.sleep(delay)
+            delay = min(2 * delay, 10.0)
+
+
+def _service_errors() -> tuple[type[BaseException], ...]:
+    """Refusals by a service (credentials, permissions, invalid names): reported as one line, not a traceback."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    from mlflow.exceptions import MlflowException
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    return (BotoCoreError, ClientError, MlflowException, PrefectHTTPStatusError)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    hint = " (check PREFECT_API_AUTH_STRING)" if status in (401, 403) else ""
+    return f"{type(exc).__name__}: {text}{hint}"
+
+
+def _error_code(exc: Exception) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+# --------------------------------------------------------------------------------------------- S3 + SQS
+
+
+def aws_clients(endpoint_url: str | None, sqs_endpoint_url: str | None, region: str) -> tuple[Any, Any]:
+    import boto3
+    from botocore.config import Config
+
+    # S3-compatible stores (SeaweedFS, MinIO, moto) rarely resolve bucket subdomains: path-style when an endpoint
+    # is given; AWS itself keeps its default addressing.
+    s3_config = Config(s3={"addressing_style": "path"}) if endpoint_url else None
+    s3 = boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region, config=s3_config)
+    sqs = boto3.client("sqs", endpoint_url=sqs_endpoint_url or endpoint_url or None, region_name=region)
+    return s3, sqs
+
+
+def ensure_bucket(s3: Any, bucket: str, region: str, log: Log) -> bool:
+    """Whether the bucket exists now (False only in a dry run before its creation)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        s3.head_bucket(Bucket=bucket)
+        log.say("exists", f"bucket s3://{bucket}")
+        return True
+    except ClientError as exc:
+        if _error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+            raise BootstrapError(
+                f"bucket {bucket}: {_error_code(exc) or exc} (another account's name, or no permission to read it)"
+            ) from exc
+    kwargs: dict[str, Any] = {"Bucket": bucket}
+    if region != "us-east-1":  # us-east-1 rejects an explicit location constraint
+        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+
+    def create() -> dict[str, Any]:
+        try:
+            return s3.create_bucket(**kwargs)
+        except ClientError as exc:  # a concurrent bootstrap won the race: same result
+            if _error_code(exc) == "BucketAlreadyOwnedByYou":
+                return {}
+            raise
+
+    return log.apply("create", f"bucket s3://{bucket}", create) is not None
+
+
+def ensure_queue(sqs: Any, name: str, log: Log) -> tuple[str, str] | None:
+    """(url, arn) of the arrival queue; None in a dry run before its creation."""
+    try:
+        url = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+        log.say("exists", f"queue {name}")
+    except sqs.exceptions.QueueDoesNotExist:
+        created = log.apply(
+            "create", f"queue {name}", lambda: sqs.create_queue(QueueName=name, Attributes=QUEUE_ATTRIBUTES)
+        )
+        if created is None:
+            return None
+        url = created["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    return url, arn
+
+
+def queue_statement(queue_arn: str, bucket: str) -> dict[str, Any]:
+    """Lets S3 send this bucket's notifications (only) to the queue: AWS refuses the notification without it."""
+    return {
+        "Sid": "LoireArrivalsFromS3",
+        "Effect": "Allow",
+        "Principal": {"Service": "s3.amazonaws.com"},
+        "Action": "sqs:SendMessage",
+        "Resource": queue_arn,
+        "Condition": {"ArnLike": {"aws:SourceArn": f"arn:aws:s3:::{bucket}"}},
+    }
+
+
+def ensure_queue_policy(sqs: Any, url: str, arn: str, bucket: str, log: Log) -> None:
+    attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["Policy"]).get("Attributes", {})
+    current = json.loads(attributes["Policy"]) if attributes.get("Policy") else {}
+    ours = queue_statement(arn, bucket)
+    statements = current.get("Statement", [])
+    if [s for s in statements if s.get("Sid") == ours["Sid"]] == [ours]:
+        log.say("exists", f"queue policy {ours['Sid']}")
+        return
+    # keep statements others added; replace only ours
+    policy = {
+        "Version": "2012-10-17",
+        **current,
+        "Statement": [s for s in statements if s.get("Sid") != ours["Sid"]] + [ours],
+    }
+    log.apply(
+        "update" if current else "create",
+        f"queue policy {ours['Sid']}",
+        lambda: sqs.set_queue_attributes(QueueUrl=url, Attributes={"Policy": json.dumps(policy)}),
+    )
+
+
+def notification(queue_arn: str, prefix: str) -> dict[str, Any]:
+    rules = [{"Name": "prefix", "Value": prefix}] if prefix else []
+    rules.append({"Name": "suffix", "Value": MARKER_SUFFIX})
+    return {
+        "Id": NOTIFICATION_ID,
+        "QueueArn": queue_arn,
+        "Events": ARRIVAL_EVENTS,
+        "Filter": {"Key": {"FilterRules": rules}},
+    }
+
+
+def _comparable(config: dict[str, Any]) -> tuple[Any, ...]:
+    # AWS answers with "Prefix"/"Suffix" whatever case was sent
+    rules = config.get("Filter", {}).get("Key", {}).get("FilterRules", [])
+    return (
+        config.get("QueueArn"),
+        sorted(config.get("Events", [])),
+        sorted((r["Name"].lower(), r["Value"]) for r in rules),
+    )
+
+
+def ensure_notification(s3: Any, bucket: str, queue_arn: str, prefix: str, log: Log) -> None:
+    current = s3.get_bucket_notification_configuration(Bucket=bucket)
+    queues = current.get("QueueConfigurations", [])
+    ours = [q for q in queues if q.get("Id") == NOTIFICATION_ID]
+    wanted = notification(queue_arn, prefix)
+    what = f"notification {NOTIFICATION_ID}: s3://{bucket}/{prefix}*{MARKER_SUFFIX} -> {queue_arn}"
+    if len(ours) == 1 and _comparable(ours[0]) == _comparable(wanted):
+        log.say("exists", what)
+        return  # putting it again would only send S3's test event to the queue
+    keep = ("TopicConfigurations", "LambdaFunctionConfigurations", "EventBridgeConfiguration")
+    config = {key: current[key] for key in keep if key in current}
+    config["QueueConfigurations"] = [q for q in queues if q.get("Id") != NOTIFICATION_ID] + [wanted]
+    log.apply(
+        "update" if ours else "create",
+        what,
+        lambda: s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration=config),
+    )
+
+
+def setup_storage(args: argparse.Namespace, log: Log) -> str | None:
+    """Bucket, then (unless disabled) queue, its policy and the bucket notification; returns the queue URL."""
+    s3, sqs = aws_clients(args.endpoint_url, args.sqs_endpoint_url, args.region)
+    bucket_exists = ensure_bucket(s3, args.bucket, args.region, log)
+    if args.no_queue or not args.queue:
+        log.say("skipped", "arrival queue (the watcher lists the landing zone instead)")
+        return None
+    queue = ensure_queue(sqs, args.queue, log)
+    if queue is None or not bucket_exists:  # dry run: nothing to compare against yet
+        log.say("would create", f"queue policy and notification s3://{args.bucket}/{args.prefix}*{MARKER_SUFFIX}")
+        return None
+    url, arn = queue
+    ensure_queue_policy(sqs, url, arn, args.bucket, log)
+    ensure_notification(s3, args.bucket, arn, args.prefix, log)
+    return url
+
+
+# ------------------------------------------------------------------------------------------------ Prefect
+
+
+def process_template() -> dict[str, Any]:
+    from prefect.workers.process import ProcessWorker
+
+    return ProcessWorker.get_default_base_job_template()
+
+
+def kubernetes_template(path: Path, image: str | None) -> dict[str, Any]:
+    try:
+        template = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BootstrapError(f"{path}: cannot read the Kubernetes base job template ({exc})") from None
+    if image:
+        template["variables"]["properties"]["image"]["default"] = image
+    return template
+
+
+def _require_api(log: Log, what: str) -> bool:
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return True
+    if log.dry_run:
+        log.say("unknown", f"{what} (PREFECT_API_URL is not set)")
+        return False
+    # without it the client would start a throw-away local server and create everything there
+    raise BootstrapError("PREFECT_API_URL is not set: point it at the Prefect server (http://HOST:4200/api)")
+
+
+def ensure_pool(
+    client: Any, name: str, pool_type: str, template: dict[str, Any], manage_template: bool, log: Log
+) -> None:
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    what = f"work pool {name} ({pool_type})"
+    try:
+        pool = client.read_work_pool(name)
+    except ObjectNotFound:
+
+        def create() -> Any:
+            try:
+                return client.create_work_pool(WorkPoolCreate(name=name, type=pool_type, base_job_template=template))
+            except ObjectAlreadyExists:  # a concurrent bootstrap or `prefect worker start` created it
+                return client.read_work_pool(name)
+
+        log.apply("create", what, create)
+        return
+    if pool.type != pool_type:
+        raise BootstrapError(
+            f"work pool {name} exists with type {pool.type!r}, not {pool_type!r}: "
+            f"delete it (prefect work-pool delete {name}) or choose another name"
+        )
+    # The Kubernetes template is versioned in infra/k8s: the file wins. A process pool's template is Prefect's
+    # default, so edits made in the UI (extra env defaults) are left alone.
+    if manage_template and pool.base_job_template != template:
+        log.apply(
+            "update",
+            f"{what}: base job template",
+            lambda: client.update_work_pool(name, WorkPoolUpdate(base_job_template=template)),
+        )
+    else:
+        log.say("exists", what)
+
+
+def ensure_work_pools(args: argparse.Namespace, log: Log) -> None:
+    if not _require_api(log, "work pools"):
+        return
+    from prefect.client.orchestration import get_client
+
+    gpu_template = (
+        kubernetes_template(args.gpu_template, args.gpu_image)
+        if args.gpu_pool_type == "kubernetes"
+        else process_template()
+    )
+    with get_client(sync_client=True) as client:
+        ensure_pool(client, args.cpu_pool, "process", process_template(), False, log)
+        ensure_pool(client, args.gpu_pool, args.gpu_pool_type, gpu_template, args.gpu_pool_type == "kubernetes", log)
+
+
+def start_watcher(deployment_name: str, log: Log) -> None:
+    """One run of the watcher deployment, unless one is already scheduled, waiting or running."""
+    if not _require_api(log, "watcher run"):
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.exceptions import ObjectNotFound
+
+    # AwaitingConcurrencySlot and Late are SCHEDULED-type states, so they count as active too
+    active = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING, StateType.PAUSED, StateType.CANCELLING]
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(deployment_name)
+        except ObjectNotFound:
+            if log.dry_run:
+                log.say("unknown", f"watcher run (deployment {deployment_name} is not deployed yet)")
+                return
+            raise BootstrapError(
+                f"deployment {deployment_name} does not exist: run `prefect deploy --all` first"
+            ) from None
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=active))),
+            limit=1,
+        )
+        if runs:
+            log.say("exists", f"watcher run {runs[0].name} ({runs[0].state_name})")
+            return
+        log.apply(
+            "create", f"watcher run of {deployment_name}", lambda: client.create_flow_run_from_deployment(deployment.id)
+        )
+
+
+def deploy(environment: dict[str, str], log: Log) -> None:
+    """`prefect deploy --all` from the repository root, with the landing zone and queue URL this run resolved."""
+    if log.dry_run:
+        log.say("would run", "prefect deploy --all")
+        return
+    command = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"]
+    subprocess.run(command, cwd=ROOT, env={**os.environ, **environment}, check=True)
+    log.say("deployed", "prefect deploy --all")
+
+
+# ------------------------------------------------------------------------------------------------- MLflow
+
+
+def ensure_registered_model(tracking_uri: str | None, name: str, experiment: str | None, log: Log) -> None:
+    if not tracking_uri:
+        if log.dry_run:
+            log.say("unknown", f"registered model {name} (MLFLOW_TRACKING_URI is not set)")
+            return
+        # MLflow would otherwise fall back to ./mlflow.db, a registry no flow would ever read
+        raise BootstrapError("MLFLOW_TRACKING_URI is not set (or pass --tracking-uri)")
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        client.get_registered_model(name)
+        log.say("exists", f"registered model {name}")
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+
+        def create() -> Any:
+            try:
+                return client.create_registered_model(
+                    name, tags={"loire.pipeline": "lifelong"}, description=MODEL_DESCRIPTION
+                )
+            except MlflowException as race:  # a concurrent bootstrap created it first
+                if race.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                    raise
+                return client.get_registered_model(name)
+
+        log.apply("create", f"registered model {name}", create)
+    if not experiment:
+        return
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        log.apply("create", f"experiment {experiment}", lambda: client.create_experiment(experiment))
+    elif found.lifecycle_stage == "deleted":
+        raise BootstrapError(f"experiment {experiment} is deleted: `mlflow experiments restore` it or choose another")
+    else:
+        log.say("exists", f"experiment {experiment}")
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        prog="bootstrap.py",
+        description=(__doc__ or "").split("\n\n")[0],
+        epilog="Defaults in brackets come from the environment when set.",
+    )
+    aws = parser.add_argument_group("S3 and SQS")
+    aws.add_argument(
+        "--endpoint-url", default=env("AWS_ENDPOINT_URL") or None, help="S3 endpoint [AWS_ENDPOINT_URL]; unset: AWS"
+    )
+    aws.add_argument(
+        "--sqs-endpoint-url", default=env("AWS_ENDPOINT_URL_SQS") or None, help="SQS endpoint if not --endpoint-url"
+    )
+    aws.add_argument("--region", default=env("AWS_REGION") or env("AWS_DEFAULT_REGION") or "us-east-1")
+    aws.add_argument("--bucket", default=env("LOIRE_BUCKET") or "loire", help="landing bucket [LOIRE_BUCKET]")
+    aws.add_argument("--prefix", default=env("LOIRE_PREFIX", "domains/"), help="landing prefix [LOIRE_PREFIX]")
+    aws.add_argument(
+        "--queue",
+        default=env("LOIRE_QUEUE", "loire-arrivals"),
+        help="SQS queue for _SUCCESS notifications [LOIRE_QUEUE]",
+    )
+    aws.add_argument("--no-queue", action="store_true", help="no queue or notification (stores without SQS)")
+    mlflow = parser.add_argument_group("MLflow")
+    mlflow.add_argument("--tracking-uri", default=env("MLFLOW_TRACKING_URI") or None, help="[MLFLOW_TRACKING_URI]")
+    mlflow.add_argument("--model-name", default=env("LOIRE_MODEL_NAME") or "loire-lm", help="[LOIRE_MODEL_NAME]")
+    mlflow.add_argument(
+        "--experiment", default=env("LOIRE_EXPERIMENT") or "loire", help="'' for none [LOIRE_EXPERIMENT]"
+    )
+    prefect = parser.add_argument_group("Prefect")
+    prefect.add_argument("--cpu-pool", default="cpu")
+    prefect.add_argument("--gpu-pool", default="gpu")
+    prefect.add_argument(
+        "--gpu-pool-type", choices=("process", "kubernetes"), default=env("LOIRE_GPU_POOL_TYPE") or "process"
+    )
+    prefect.add_argument("--gpu-template", type=Path, default=K8S_TEMPLATE, help="Kubernetes base job template")
+    prefect.add_argument("--gpu-image", default=env("LOIRE_GPU_JOB_IMAGE") or None, help="image of the Kubernetes jobs")
+    prefect.add_argument("--deploy", action="store_true", help="run `prefect deploy --all` afterwards")
+    prefect.add_argument("--start-watcher", action="store_true", help="start the watcher unless a run is active")
+    prefect.add_argument("--watcher-deployment", default=WATCHER_DEPLOYMENT)
+    parser.add_argument("--no-s3", action="store_true", help="skip the bucket and queue")
+    parser.add_argument("--no-prefect", action="store_true", help="skip the work pools")
+    parser.add_argument("--no-mlflow", action="store_true", help="skip the registered model")
+    parser.add_argument("--wait", type=float, default=0.0, help="seconds to wait for services that are not up yet")
+    parser.add_argument("--dry-run", action="store_true", help="only read; print what would be created")
+    return parser.parse_args(argv)
+
+
+def deploy_environment(args: argparse.Namespace, queue_url: str | None) -> dict[str, str]:
+    """What prefect.yaml's `{{ $LOIRE_* }}` placeholders need, derived from this run where not set."""
+    prefix = args.prefix.lstrip("/")
+    return {
+        "LOIRE_LANDING": os.environ.get("LOIRE_LANDING") or f"s3://{args.bucket}/{prefix}",
+        "LOIRE_QUEUE_URL": os.environ.get("LOIRE_QUEUE_URL") or queue_url or "",
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    log = Log(dry_run=args.dry_run)
+    try:
+        queue_url = None
+        if not args.no_s3:
+            queue_url = retrying(lambda: setup_storage(args, log), wait_s=args.wait, what="S3/SQS endpoint", log=log)
+        if not args.no_prefect:
+            retrying(lambda: ensure_work_pools(args, log), wait_s=args.wait, what="Prefect API", log=log)
+        if not args.no_mlflow:
+            retrying(
+                lambda: ensure_registered_model(args.tracking_uri, args.model_name, args.experiment, log),
+                wait_s=args.wait,
+                what="MLflow tracking server",
+                log=log,
+            )
+        environment = deploy_environment(args, queue_url)
+        if args.deploy:
+            deploy(environment, log)
+        else:
+            settings = " ".join(f"{key}={value}" for key, value in environment.items() if value)
+            print(f"next: {settings} prefect deploy --all   (from {ROOT})", flush=True)
+        if args.start_watcher:
+            retrying(lambda: start_watcher(args.watcher_deployment, log), wait_s=args.wait, what="Prefect API", log=log)
+    except BootstrapError as exc:
+        print(f"bootstrap: {exc}", file=sys.stderr)
+        return 2
+    except _service_errors() as exc:
+        print(f"bootstrap: {_describe(exc)}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as exc:
+        print(f"bootstrap: `prefect deploy --all` failed with exit code {exc.returncode}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
