@@ -63,11 +63,13 @@ def wait_http(url: str, timeout_s: float, process: subprocess.Popen[bytes] | Non
 
 
 @contextlib.contextmanager
-def background(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def background(
+    cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """A child process with its output in `log`, terminated (then killed) on exit."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as sink:
-        process = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             yield process
         finally:
@@ -197,7 +199,18 @@ def run_demo(*, quick: bool, data: Path | None, out: Path, console: Console | No
     with background(server_cmd, env, out / "logs" / "prefect-server.log") as server:
         console.print(f"starting the Prefect server on {api_url} ...")
         wait_http(f"{api_url}/health", 120, server, "prefect server")
-        with background([sys.executable, "-m", "flows.serve"], env, out / "logs" / "serve.log") as served:
+        # The serve process runs a small runner webserver so the demo can tell when its last flow-run
+        # process has exited (see `_wait_runner_idle`).
+        runner_url = f"http://127.0.0.1:{free_port()}"
+        serve_env = {
+            **env,
+            "PREFECT_RUNNER_SERVER_ENABLE": "true",
+            "PREFECT_RUNNER_SERVER_HOST": "127.0.0.1",
+            "PREFECT_RUNNER_SERVER_PORT": runner_url.rsplit(":", 1)[1],
+        }
+        # cwd=out: MLflow on SQLite puts artifacts in ./mlruns of the process that creates the experiment.
+        serve_cmd = [sys.executable, "-m", "flows.serve"]
+        with background(serve_cmd, serve_env, out / "logs" / "serve.log", cwd=out) as served:
             _wait_deployments(served, timeout_s=120)
             from flows.watch import watch_corpora
 
@@ -218,6 +231,7 @@ def run_demo(*, quick: bool, data: Path | None, out: Path, console: Console | No
                         else result.get("error", "")
                     )
                 )
+            _wait_runner_idle(runner_url, served, timeout_s=60)
     console.print(summary_table(results))
     _print_lineage(console)
     console.print(
@@ -243,6 +257,22 @@ def _wait_deployments(served: subprocess.Popen[bytes], timeout_s: float) -> None
                 return
             time.sleep(1.0)
     raise RuntimeError("the pipeline deployments were not registered in time (see logs/serve.log)")
+
+
+def _wait_runner_idle(runner_url: str, served: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Wait until the serve process tracks no flow-run process any more.
+
+    A flow run reports Completed a moment before its process exits; a runner stopped (SIGTERM) in
+    that window cancels the runs it still tracks and overwrites the Completed state with Cancelled
+    ("Runner is shutting down."), so the Prefect history would show the last stage as cancelled.
+    """
+    url = f"{runner_url}/run_count"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and served.poll() is None:
+        with contextlib.suppress(OSError, ValueError), urllib.request.urlopen(url, timeout=2) as response:
+            if int(response.read()) == 0:
+                return
+        time.sleep(0.5)
 
 
 def _stage_result(run: Any, domain: str) -> dict[str, Any]:

@@ -21,7 +21,9 @@ file names, sizes and mtimes.
 landing zone, a verified atomic download for S3 (size caps, no names escaping the destination,
 objects pinned to the ETag seen by HEAD). Bad input raises `LandingError` naming the key; S3 requests
 are retried by botocore (standard mode: throttling, 5xx and connection errors only), and interrupted
-response bodies by a small bounded loop here.
+response bodies by a small bounded loop here. When S3 still fails after those bounded retries, the fetch
+raises `LandingUnavailable` (an OSError, so the stage's fetch task may retry it later) naming the key,
+the operation and the number of attempts; an interrupted fetch leaves no folder behind.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -50,12 +53,16 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
+from flows.redact import BOTOCORE_LOGGERS
+from flows.redact import install as install_redaction
+
 logger = logging.getLogger(__name__)
 
 MARKER = "_SUCCESS"
 # Mirrors loire.data.ACCEPTED_SUFFIXES (checked by a test); not imported so the watcher needs no torch.
 DATA_SUFFIXES = tuple(s + gz for gz in ("", ".gz") for s in (".txt", ".jsonl", ".csv", ".parquet"))
 MAX_KEY_BYTES = 1024  # S3's own limit on key length
+MAX_NAME_BYTES = 255  # longest file or folder name of local file systems (NAME_MAX)
 DEFAULT_MAX_OBJECT_BYTES = 2 * 1024**3
 # botocore "standard" retries (throttling, 5xx, connection errors); its `max_attempts` counts retries, so 5 tries.
 AWS_RETRIES = 4
@@ -65,11 +72,21 @@ _CHUNK = 1024**2
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=-]{0,63}")
 _STREAM_ERRORS = (HTTPClientError, BotoConnectionError, IncompleteReadError)
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+_TRANSIENT_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout", "InternalError"}
+)
 _CHANGED_CODES = frozenset({"412", "PreconditionFailed"})
 
 
 class LandingError(ValueError):
     """A landing-zone problem that retrying cannot fix (bad key, missing object, cap exceeded); names the key."""
+
+
+class LandingUnavailable(ConnectionError):
+    """S3 kept failing (throttling, 5xx, connection errors) through botocore's bounded retries; names the key.
+
+    Transient by nature: an OSError, so callers that retry I/O errors (the stage's fetch task) retry it.
+    """
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -150,7 +167,7 @@ def parse_marker_key(key: str, prefix: str) -> tuple[str, str]:
         raise LandingError(f"marker key {shown}: expected <prefix>/<domain>/<batch>/{MARKER}")
     for what, name in zip(("domain", "batch"), rest[:2], strict=True):
         if not _NAME.fullmatch(name):
-            raise LandingError(f"marker key {shown}: {what} {name!r} must match {_NAME.pattern}")
+            raise LandingError(f"marker key {shown}: {what} {show(name, 80)} must match {_NAME.pattern}")
     return rest[0].upper(), rest[1]
 
 
@@ -230,6 +247,7 @@ def s3_client(endpoint_url: str | None = None, **kw: Any) -> BaseClient:
     if "config" in kw:
         config = config.merge(kw.pop("config"))
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    install_redaction(BOTOCORE_LOGGERS)  # botocore's DEBUG records print every request's session token
     # A fresh session: boto3's default session is not safe to share across threads.
     return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config, **kw)
 
@@ -379,6 +397,30 @@ def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
+def _is_transient(exc: ClientError) -> bool:
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    return status == 429 or status >= 500 or _code(exc) in _TRANSIENT_CODES
+
+
+@contextmanager
+def _s3_call(operation: str, key: str) -> Iterator[None]:
+    """Turn an S3 failure that outlived botocore's retries into `LandingUnavailable` naming `key`."""
+    try:
+        yield
+    except ClientError as exc:
+        if not _is_transient(exc):
+            raise
+        meta = exc.response.get("ResponseMetadata", {})
+        attempts = int(meta.get("RetryAttempts") or 0) + 1
+        error = exc.response.get("Error", {})
+        reason = f"{error.get('Code') or meta.get('HTTPStatusCode')}: {error.get('Message') or 'no message'}"
+        raise LandingUnavailable(
+            f"{show(key)}: S3 {operation} still failing after {attempts} attempt(s) ({reason})"
+        ) from exc
+    except _STREAM_ERRORS as exc:
+        raise LandingUnavailable(f"{show(key)}: S3 {operation} failed ({type(exc).__name__}: {exc})") from exc
+
+
 # --- fetching a batch ------------------------------------------------------------------------------
 
 
@@ -433,12 +475,14 @@ def _fetch_s3_batch(arrival: Arrival, dest: Path, s3: BaseClient, max_bytes: int
         return dest
     if dest.exists():
         raise LandingError(f"{arrival.key}: destination {dest} exists and is not a complete fetch of this arrival")
-    head = _head(s3, arrival.bucket or "", arrival.key)
+    with _s3_call("HeadObject", arrival.key):
+        head = _head(s3, arrival.bucket or "", arrival.key)
     if head is None:
         raise LandingError(f"{arrival.key}: marker is gone")
     if str(head["ETag"]).strip('"') != arrival.etag:
         log.warning("%s: marker replaced since it arrived; a newer arrival will follow", arrival.key)
-    names = _plan_s3_batch(arrival, s3, max_files)
+    with _s3_call("ListObjectsV2", arrival.key.rpartition("/")[0] + "/"):
+        names = _plan_s3_batch(arrival, s3, max_files)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
     try:
@@ -467,6 +511,10 @@ def _plan_s3_batch(arrival: Arrival, s3: BaseClient, max_files: int) -> list[str
             if not _is_data_name(rel):
                 run_logger().debug("%s: skipping non-data object %s", arrival.key, show(obj["Key"]))
                 continue
+            if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for part in rel.split("/")):
+                raise LandingError(
+                    f"{arrival.key}: object {show(obj['Key'])} has a name segment longer than {MAX_NAME_BYTES} bytes"
+                )
             names.append(rel)
             if len(names) > max_files:
                 raise LandingError(f"{arrival.key}: batch holds more than max_files={max_files} data files")
@@ -480,7 +528,8 @@ def _plan_s3_batch(arrival: Arrival, s3: BaseClient, max_files: int) -> list[str
 
 def _download(s3: BaseClient, bucket: str, key: str, target: Path, max_bytes: int) -> int:
     """Download one object (HEAD first for the cap, then GET pinned to that ETag); returns its size."""
-    head = _head(s3, bucket, key)
+    with _s3_call("HeadObject", key):
+        head = _head(s3, bucket, key)
     if head is None:
         raise LandingError(f"{key}: object disappeared after listing")
     if int(head["ContentLength"]) > max_bytes:
@@ -495,10 +544,12 @@ def _download(s3: BaseClient, bucket: str, key: str, target: Path, max_bytes: in
                 raise LandingError(f"{key}: object disappeared after listing") from None
             if _code(exc) in _CHANGED_CODES:
                 raise LandingError(f"{key}: object replaced during download") from None
-            raise
+            with _s3_call("GetObject", key):
+                raise
         except _STREAM_ERRORS as exc:
             if attempt + 1 == STREAM_ATTEMPTS:
-                raise
+                with _s3_call(f"GetObject ({STREAM_ATTEMPTS} transfers interrupted)", key):
+                    raise
             run_logger().warning("%s: transfer interrupted (%s); retrying", key, exc)
             time.sleep(0.5 * 2**attempt)
     raise AssertionError("unreachable")
@@ -561,7 +612,8 @@ def fetch_uri(
     landing = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
     client = s3 or s3_client()
     key = f"{folder}/{MARKER}"
-    head = _head(client, bucket, key)
+    with _s3_call("HeadObject", key):
+        head = _head(client, bucket, key)
     if head is None:
         raise LandingError(f"{show(key)}: marker of an earlier corpus is gone")
     domain, batch = parse_marker_key(key, parse_landing(landing).prefix)

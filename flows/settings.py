@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from flows.redact import credentials_to_env, redact
+
 ENV_PREFIX = "LOIRE_"
 
 
@@ -27,10 +29,20 @@ class PipelineSettings(BaseModel):
         description="Local folder for corpus caches, stage folders and checkpoints (shared by the stage and "
         "train flows; a shared volume when they run on different machines).",
     )
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI).")
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (default: MLFLOW_TRACKING_URI). Credentials written into it "
+        "(http://user:password@host) are moved to MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD of this "
+        "process, where MLflow reads them, so the URI kept here (logged, passed to subflows and deployments, "
+        "recorded by Prefect) holds no secret; a worker in another process needs those variables itself.",
+    )
     model_name: str = Field("loire-lm", description="Registered model that receives one version per stage.")
     experiment: str = Field("loire", description="MLflow experiment of the stage runs.")
-    schedule: str = Field("gpt-tiny", description="Growth schedule preset name or YAML path.")
+    schedule: str = Field(
+        "gpt-tiny",
+        description="Growth schedule: a preset name (loire.schedule.SCHEDULES) or the path of a schedule YAML file "
+        "(loire.schedule.Schedule.from_yaml); see `resolve_schedule`.",
+    )
     strategy: str = Field("loire", description="Lifelong strategy (see loire.strategies.STRATEGIES).")
     steps: int | None = Field(None, ge=1, description="Override of the schedule's steps per stage.")
     device: str = Field("auto", description="auto, cpu or cuda for training.")
@@ -66,13 +78,48 @@ class PipelineSettings(BaseModel):
             raise ValueError(f"{value!r} is not one of {sorted(STRATEGIES)}")
         return value
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _credentials_out_of_uri(cls, value: str | None) -> str | None:
+        return None if value is None else credentials_to_env(value)
+
+    @field_validator("schedule")
+    @classmethod
+    def _known_schedule(cls, value: str) -> str:
+        resolve_schedule(value)  # a preset, or a YAML file that parses and validates; errors name the problem
+        return value
+
     def resolved_tracking_uri(self) -> str | None:
-        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        """`tracking_uri`, else MLFLOW_TRACKING_URI; without credentials either way (see `tracking_uri`)."""
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        return None if uri is None else credentials_to_env(uri)
+
+
+def resolve_schedule(value: str) -> Any:
+    """The `loire.schedule.Schedule` a `schedule` setting names: a preset, else a schedule YAML file.
+
+    Raises ValueError naming the value when it is neither, or naming the file and the field when the
+    YAML does not validate. `flows/train.py` should resolve its `schedule` parameter with this
+    (`loire.schedule.schedule_preset` knows the presets only).
+    """
+    from loire.schedule import SCHEDULES, Schedule
+
+    if value in SCHEDULES:
+        return SCHEDULES[value]
+    path = Path(value).expanduser()
+    if path.suffix.lower() not in (".yaml", ".yml") or not path.is_file():
+        raise ValueError(
+            f"{value!r} is neither a preset ({', '.join(SCHEDULES)}) nor a YAML file (*.yaml, *.yml) that exists"
+        )
+    try:
+        return Schedule.from_yaml(path)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a valid schedule ({exc})") from None
 
 
 def _error(exc: ValidationError, source: str) -> ValueError:
     parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-    return ValueError(f"{source}: invalid pipeline settings: " + "; ".join(parts))
+    return ValueError(redact(f"{source}: invalid pipeline settings: " + "; ".join(parts)))
 
 
 def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:

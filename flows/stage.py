@@ -1,7 +1,9 @@
 """One lifelong stage, started by the watcher for one arrival (a `_SUCCESS` marker in the landing zone).
 
 The story of a stage:
-  1. skip it if this arrival (batch URI + ETag) already has a registered version (exactly once);
+  1. skip it if this arrival (batch URI + ETag) already has a complete registered version whose
+     promotion was decided (exactly once; a version registered by a run that died before promoting
+     is picked up again: the stage goes on, re-registers nothing and promotes);
   2. resolve the parent: the registry's `champion` (none for the first stage) and its ancestors,
      downloaded as stage folders (the parent to grow, the teachers to distil from);
   3. fetch the new corpus (and the earlier domains' corpora) to a local cache and validate it;
@@ -14,7 +16,16 @@ The story of a stage:
   8. publish Prefect artifacts: the stage × domain table, the lineage with MLflow links, the PPL plot.
 
 Everything between tasks is a URI, a path or an id. Retries are on I/O tasks only; a failed
-training, a bad corpus or a diverged loss fails the flow run (the exception propagates).
+training, a bad corpus or a diverged loss fails the flow run (the exception propagates). Tasks that talk
+to MLflow have no Prefect retries: `flows.tracking` retries every request with one bounded backoff
+(`RetryPolicy`), so an outage longer than that budget fails the stage after the budget, not after
+four times it. S3 fetches are retried by Prefect on I/O errors only (a `LandingError` fails at once).
+
+Resume. A crashed or failed run is rescheduled in place (`loire resume-crashed`): the same flow run id
+finds its MLflow run again, the stage folder and its checkpoints are keyed by the arrival and by the
+parent version it grows from (a resumed stage whose champion moved meanwhile starts afresh from the new
+parent instead of loading checkpoints of another model), and the promotion is conditional on the
+champion still being that parent (`Tracker.promote(parent_version=...)`).
 """
 
 from __future__ import annotations
@@ -27,19 +38,42 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
 from prefect.runtime import flow_run
-from prefect.tasks import exponential_backoff
+from prefect.states import State
+from prefect.tasks import Task, exponential_backoff
 
 from flows.downstream import downstream_eval
 from flows.landing import Arrival, fetch_batch, fetch_uri
+from flows.redact import redact
 from flows.settings import PipelineSettings, load_settings
-from flows.tracking import Gates, Tracker
+from flows.tracking import Gates, RetryPolicy, Tracker
 from flows.train import train_stage
+from flows.watch import is_io_error
 from loire.data import load_corpus
 from loire.lifelong import read_stage
 from loire.metrics import average_perplexity
 
-IO_RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5)
+
+def _retry_on_io_error(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry a fetch on connection problems, throttling and 5xx only, never on bad input (LandingError)."""
+    try:
+        state.result()
+    except Exception as exc:
+        return is_io_error(exc)
+    return False
+
+
+IO_RETRIES = dict(
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=_retry_on_io_error,
+)
+# MLflow tasks: retried per request by the tracker (one budget); results never cached across attempts of a
+# flow run, so a resumed run sees the registry as it is now.
+MLFLOW_TASK = dict(retries=0, cache_policy=NO_CACHE)
 
 
 def _safe(text: str) -> str:
@@ -48,13 +82,17 @@ def _safe(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- I/O tasks
-@task(name="find-existing-version", **IO_RETRIES)
+@task(name="find-existing-version", **MLFLOW_TASK)
 def find_existing(settings: PipelineSettings, batch_uri: str, etag: str) -> dict[str, Any] | None:
-    version = _tracker(settings).find_arrival(batch_uri, etag)
-    return None if version is None else {"version": str(version.version), "run_id": version.run_id}
+    """The arrival's complete version, if any, and whether its promotion was decided."""
+    tracker = _tracker(settings)
+    version = tracker.find_arrival(batch_uri, etag)
+    if version is None:
+        return None
+    return {"version": str(version.version), "run_id": version.run_id, "decided": tracker.is_decided(version)}
 
 
-@task(name="resolve-parent", **IO_RETRIES)
+@task(name="resolve-parent", **MLFLOW_TASK)
 def resolve_parent(settings: PipelineSettings) -> dict[str, Any]:
     """The champion's stage folder and those of all its ancestors (teachers), downloaded to the work dir."""
     tracker = _tracker(settings)
@@ -102,7 +140,7 @@ def validate_corpus(corpus_dir: str, batch_uri: str) -> dict[str, int]:
     return {"train_documents": len(corpus.train), "valid_documents": len(corpus.valid)}
 
 
-@task(name="start-mlflow-run", **IO_RETRIES)
+@task(name="start-mlflow-run", **MLFLOW_TASK)
 def start_run(settings: PipelineSettings, arr: Arrival, stage: int, parent_version: str | None) -> str:
     params = {
         "stage": stage,
@@ -127,7 +165,7 @@ def start_run(settings: PipelineSettings, arr: Arrival, stage: int, parent_versi
     )
 
 
-@task(name="log-stage", **IO_RETRIES)
+@task(name="log-stage", **MLFLOW_TASK)
 def log_stage(settings: PipelineSettings, run_id: str, out_dir: str, plot: str | None) -> None:
     record = read_stage(out_dir)
     tracker = _tracker(settings)
@@ -145,22 +183,28 @@ def log_stage(settings: PipelineSettings, run_id: str, out_dir: str, plot: str |
     )
 
 
-@task(name="register-model", **IO_RETRIES)
+@task(name="register-model", **MLFLOW_TASK)
 def register(settings: PipelineSettings, run_id: str, out_dir: str, parent_version: str | None) -> str:
     return str(_tracker(settings).register_stage(run_id, Path(out_dir), parent_version=parent_version).version)
 
 
-@task(name="promote", **IO_RETRIES)
+@task(name="promote", **MLFLOW_TASK)
 def promote(
     settings: PipelineSettings,
     version: str,
     ap_plus: float | None,
     downstream_average: float | None,
     downstream_scores: dict[str, float],
+    parent_version: str | None,
 ) -> dict[str, Any]:
     gates = Gates(max_ap_plus=settings.max_ap_plus, downstream_tolerance=settings.downstream_tolerance)
     decision = _tracker(settings).promote(
-        version, gates, ap_plus=ap_plus, downstream_average=downstream_average, downstream_scores=downstream_scores
+        version,
+        gates,
+        ap_plus=ap_plus,
+        downstream_average=downstream_average,
+        downstream_scores=downstream_scores,
+        parent_version=parent_version,
     )
     return {"promoted": decision.promoted, "reasons": decision.reasons, "previous": decision.previous_champion}
 
@@ -172,9 +216,11 @@ def _tracker(settings: PipelineSettings) -> Tracker:
     )
 
 
-def _stage_dir(settings: PipelineSettings, arr: Arrival) -> Path:
-    """Keyed by the arrival, so a retried flow run finds its checkpoints and resumes."""
-    return Path(settings.work_dir) / "stages" / f"{arr.domain}-{_safe(arr.batch)}-{_safe(arr.etag)}"
+def _stage_dir(settings: PipelineSettings, arr: Arrival, parent_version: str | None) -> Path:
+    """Keyed by the arrival and the parent version, so a retried flow run finds its checkpoints and resumes,
+    and never resumes checkpoints of a model grown from another parent."""
+    parent = "root" if parent_version is None else f"v{_safe(str(parent_version))}"
+    return Path(settings.work_dir) / "stages" / f"{arr.domain}-{_safe(arr.batch)}-{_safe(arr.etag)}-from-{parent}"
 
 
 def _seen_task_names(settings: PipelineSettings, domains: list[str]) -> list[str]:
@@ -225,14 +271,19 @@ def ppl_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
         out: dict[str, Any] = {"stage": i + 1, "domain": domains[i]}
         out.update({d: round(row[d], 2) if d in row else "" for d in domains})
         out["AP"] = round(average_perplexity(seen), 2)
+        out["AP+"] = ""  # Prefect takes the columns from the first row; the last row gets the value
         rows.append(out)
     rows[-1]["AP+"] = "" if record["ap_plus"] is None else round(record["ap_plus"], 2)
     return rows
 
 
 def _end_run(settings: PipelineSettings, run_id: str, *, failed: bool) -> None:
+    # A failing stage does not wait out a second full retry budget just to mark its run FAILED.
+    tracker = _tracker(settings)
+    if failed:
+        tracker.retry = RetryPolicy(attempts=2, initial_delay_s=1.0)
     try:
-        _tracker(settings).end_stage_run(run_id, failed=failed)
+        tracker.end_stage_run(run_id, failed=failed)
     except Exception as exc:  # the stage's outcome stands; the run's status is cosmetic
         get_run_logger().warning("could not close MLflow run %s: %s", run_id, exc)
 
@@ -242,7 +293,7 @@ def _fmt(value: float | None) -> str:
 
 
 def _mlflow_links(settings: PipelineSettings, version: str, run_id: str) -> tuple[str, str]:
-    uri = settings.resolved_tracking_uri() or ""
+    uri = redact(settings.resolved_tracking_uri() or "")
     base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
     return f"{base}/#/models/{settings.model_name}/versions/{version}", f"{base}/#/experiments/0/runs/{run_id}"
 
@@ -307,9 +358,15 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
     logger.info("arrival %s (domain %s, ETag %s)", arr.batch_uri, arr.domain, arr.etag)
 
     existing = find_existing(cfg, arr.batch_uri, arr.etag)
-    if existing is not None:
+    if existing is not None and existing["decided"]:
         logger.info("arrival already registered as version %s: nothing to do", existing["version"])
         return {"version": existing["version"], "skipped": True}
+    if existing is not None:
+        logger.warning(
+            "arrival registered as version %s but its promotion was never decided (an earlier attempt stopped): "
+            "finishing the stage",
+            existing["version"],
+        )
 
     parent = resolve_parent(cfg)
     corpus_dir = fetch_corpus(cfg, arrival)
@@ -319,7 +376,7 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
     run_id = start_run(cfg, arr, stage, parent["version"])
 
     try:
-        out_dir = _stage_dir(cfg, arr)
+        out_dir = _stage_dir(cfg, arr, parent["version"])
         summary = _train(
             cfg,
             dict(
@@ -364,7 +421,12 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
 
         version = register(cfg, run_id, str(out_dir), parent["version"])
         decision = promote(
-            cfg, version, summary["ap_plus"], average, {r["task"]: r["mean"] for r in downstream if r["ok"]}
+            cfg,
+            version,
+            summary["ap_plus"],
+            average,
+            {r["task"]: r["mean"] for r in downstream if r["ok"]},
+            parent["version"],
         )
         if decision["promoted"]:
             logger.info("version %s is the new champion (was %s)", version, decision["previous"])

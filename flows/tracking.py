@@ -7,7 +7,15 @@ and the growth it went through; the alias `candidate` points at the newest regis
 
 Every request to the tracking server goes through `call_with_retries`, so an outage of the server
 (connection refused, 5xx) delays a stage instead of failing it; client errors (4xx) are not retried.
+The retry budget is one `RetryPolicy` per tracker (`RetryPolicy.from_env`: `LOIRE_MLFLOW_RETRY_ATTEMPTS`,
+`LOIRE_MLFLOW_RETRY_MAX_DELAY_S`); the stage flow adds no retries of its own on top of it.
 All calls name their run or version explicitly (`MlflowClient`), never the thread-local active run.
+
+Registration commits in this order: upload the model's artifacts (a logged model), create the version,
+check that every artifact is there, tag the version `loire.artifacts=complete`, move `candidate`.
+`find_arrival` counts only complete versions, so a version left behind by an interrupted registration
+never makes its arrival look done; the next registration of that arrival deletes it. `champion` moves
+only in `promote`, after the same completeness check and the gates.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from mlflow.utils.validation import (
 from rich.table import Table
 
 import loire
+from flows.redact import credentials_to_env
 from loire.io import MODEL_INIT_LOCK, load_model, publish_dir
 from loire.lifelong import STAGE_FILE, read_stage
 from loire.tokenizer import load_tokenizer
@@ -58,6 +67,10 @@ T = TypeVar("T")
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
+ARTIFACTS_TAG = "loire.artifacts"  # "complete" once register_stage has checked every artifact of the version
+PROMOTION_TAG = "loire.promotion"  # "promoted" or "rejected: <reasons>": the stage's decision was made
+RETRY_ATTEMPTS_ENV = "LOIRE_MLFLOW_RETRY_ATTEMPTS"
+RETRY_MAX_DELAY_ENV = "LOIRE_MLFLOW_RETRY_MAX_DELAY_S"
 MODEL_ARTIFACT = "model"
 REGISTRY_FILE = "registry.json"  # written into a downloaded stage folder: which version it is
 # Top-level artifacts a registered version must hold before it may become champion.
@@ -93,6 +106,27 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.attempts < 1 or self.initial_delay_s < 0 or self.max_delay_s < 0 or self.multiplier < 1:
             raise ValueError(f"invalid retry policy {self}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RetryPolicy:
+        """The default policy, with `LOIRE_MLFLOW_RETRY_ATTEMPTS` / `LOIRE_MLFLOW_RETRY_MAX_DELAY_S` applied."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, field_name, kind in (
+            (RETRY_ATTEMPTS_ENV, "attempts", int),
+            (RETRY_MAX_DELAY_ENV, "max_delay_s", float),
+        ):
+            raw = env.get(name)
+            if raw is None or raw.strip() == "":
+                continue
+            try:
+                values[field_name] = kind(raw)
+            except ValueError:
+                raise ValueError(f"{name}={raw!r}: not a number") from None
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            raise ValueError(f"{RETRY_ATTEMPTS_ENV} / {RETRY_MAX_DELAY_ENV}: {exc}") from None
 
     def delays(self) -> Iterator[float]:
         """The sleeps between attempts (one fewer than `attempts`)."""
@@ -345,6 +379,16 @@ def _ap_plus_gate(ap_plus: float | None, gates: Gates) -> tuple[bool, str]:
     return True, f"pass: AP+ {ap_plus:.4g} <= {gates.max_ap_plus:.4g}"
 
 
+_UNCHECKED: Any = object()  # promote(parent_version=...) not given: no lineage check
+
+
+def _lineage_gate(parent: str | None, champion: str | None) -> tuple[bool, str]:
+    grown_from = "nothing" if parent is None else f"v{parent}"
+    if (None if parent is None else str(parent)) == (None if champion is None else str(champion)):
+        return True, f"pass: the champion is still {grown_from}, which this stage grew from"
+    return False, f"fail: the champion moved to v{champion} while this stage grew from {grown_from}"
+
+
 def _downstream_gate(mine: float | None, champion: float | None, gates: Gates) -> tuple[bool, str]:
     if mine is None or champion is None:
         missing = "this version's" if mine is None else "the champion's"
@@ -368,10 +412,11 @@ class Tracker:
         ready_timeout_s: float = 300.0,
     ) -> None:
         _literal(model_name)  # used inside filter strings
-        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        # Credentials in the URI move to MLFLOW_TRACKING_USERNAME/PASSWORD: nothing logged or recorded holds them.
+        self.tracking_uri = credentials_to_env(tracking_uri or mlflow.get_tracking_uri())
         self.model_name = model_name
         self.experiment = experiment
-        self.retry = retry or RetryPolicy()
+        self.retry = retry or RetryPolicy.from_env()
         self.ready_timeout_s = ready_timeout_s
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self._experiment_id: str | None = None  # resolved lazily: constructing a Tracker needs no server
@@ -508,7 +553,22 @@ class Tracker:
 
     # --------------------------------------------------------------------------- registry
     def find_arrival(self, corpus_uri: str, etag: str) -> ModelVersion | None:
-        """The registered (READY) version of this corpus arrival, the oldest when there are several."""
+        """The complete registered version of this corpus arrival (the oldest when there are several).
+
+        Complete: READY, and tagged `loire.artifacts=complete` by `register_stage` or, for a version
+        without the tag (registered by an older release, or interrupted just before tagging), holding
+        every artifact. A version left behind by an interrupted registration does not count."""
+        for version in self._arrival_versions(corpus_uri, etag):
+            if version.status == "READY" and self._is_complete(version):
+                return version
+        return None
+
+    def is_decided(self, version: ModelVersion) -> bool:
+        """Whether the stage of `version` reached its promotion decision (promoted or rejected)."""
+        return bool(version.tags.get(PROMOTION_TAG)) or CHAMPION in (version.aliases or [])
+
+    def _arrival_versions(self, corpus_uri: str, etag: str) -> list[ModelVersion]:
+        """Every version tagged with this arrival, oldest first, whatever its state."""
         query = (
             f"name = {_literal(self.model_name)} AND tags.`loire.arrival` = {_literal(arrival_key(corpus_uri, etag))}"
         )
@@ -516,11 +576,45 @@ class Tracker:
         same = [
             v
             for v in found
-            if v.status == "READY"
-            and v.tags.get("loire.corpus_uri") == _tag(corpus_uri)
-            and v.tags.get("loire.corpus_etag") == _tag(etag)
+            if v.tags.get("loire.corpus_uri") == _tag(corpus_uri) and v.tags.get("loire.corpus_etag") == _tag(etag)
         ]
-        return min(same, key=lambda v: int(v.version)) if same else None
+        return sorted(same, key=lambda v: int(v.version))
+
+    def _is_complete(self, version: ModelVersion) -> bool:
+        if version.tags.get(ARTIFACTS_TAG) == "complete":
+            return True
+        try:
+            self._check_artifacts(version)
+        except MlflowException as exc:  # e.g. its logged model was deleted
+            if _error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            logger.info("%s v%s does not count: %s", self.model_name, version.version, _short(exc))
+            return False
+        except (RuntimeError, ValueError) as exc:
+            logger.info("%s v%s does not count: %s", self.model_name, version.version, exc)
+            return False
+        return True
+
+    def _drop_incomplete(self, corpus_uri: str, etag: str) -> None:
+        """Delete the versions of this arrival that are not complete: what interrupted registrations left."""
+        for version in self._arrival_versions(corpus_uri, etag):
+            if version.status == "READY" and self._is_complete(version):
+                continue
+            logger.warning(
+                "deleting %s v%s (%s): an incomplete registration of arrival %s",
+                self.model_name,
+                version.version,
+                version.status,
+                corpus_uri,
+            )
+            self._delete_version(version.version)
+
+    def _delete_version(self, version: str) -> None:
+        try:
+            self._call("delete_model_version", self.client.delete_model_version, self.model_name, str(version))
+        except MlflowException as exc:
+            if _error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+                raise
 
     def register_stage(
         self, run_id: str, stage_dir: str | os.PathLike[str], *, parent_version: str | None
@@ -539,6 +633,7 @@ class Tracker:
             return existing
         if parent_version is not None:
             self._version(parent_version)  # fail before uploading anything when the parent is unknown
+        self._drop_incomplete(corpus_uri, etag)
         model_id = self._log_stage_model(run, Path(stage_dir), record)
         tags = self._version_tags(record, corpus_uri, etag, parent_version)
         # A database registry store resolves `models:/<id>` through MLflow's process-wide tracking URI.
@@ -553,7 +648,15 @@ class Tracker:
                 model_id=model_id,
                 await_creation_for=0,
             )
-        version = self._keep_first_of_arrival(self._wait_ready(version.version), corpus_uri, etag)
+        ready = self._wait_ready(version.version)
+        try:
+            self._check_artifacts(ready)
+        except RuntimeError:
+            logger.error("%s v%s: artifacts incomplete after upload; deleting it", self.model_name, ready.version)
+            self._delete_version(ready.version)
+            raise
+        self._set_tag(ready.version, ARTIFACTS_TAG, "complete")  # from here on the arrival counts as registered
+        version = self._keep_first_of_arrival(self._version(ready.version), corpus_uri, etag)
         self._point_candidate(version.version)
         logger.info("stage %s registered as %s version %s", record["stage"], self.model_name, version.version)
         return version
@@ -689,7 +792,7 @@ class Tracker:
             version.version,
             first.version,
         )
-        self._call("delete_model_version", self.client.delete_model_version, self.model_name, version.version)
+        self._delete_version(version.version)
         return first
 
     def _aliases(self) -> dict[str, str]:
@@ -735,30 +838,42 @@ class Tracker:
         ap_plus: float | None,
         downstream_average: float | None,
         downstream_scores: Mapping[str, float] | None = None,
+        parent_version: Any = _UNCHECKED,
     ) -> Decision:
         """Check the gates; when all pass, move `champion` to `version` (the commit point) and tag it
         `loire.promoted=true`, else tag `loire.promotion=rejected: <reasons>` and leave `champion` alone.
 
         With `downstream_scores` (task → score), the downstream gate compares both versions on the tasks
         the champion was scored on (a later stage adds the tasks of its new domain, which would make the
-        plain averages incomparable); without, it compares `downstream_average` with the champion's."""
+        plain averages incomparable); without, it compares `downstream_average` with the champion's.
+
+        `parent_version` (a version, or None for a first stage) makes the promotion conditional: it is
+        rejected when the champion is no longer the version this stage grew from (another stage was promoted
+        meanwhile, e.g. while this one was crashed), so a late stage never moves the champion back to a
+        fork of the lineage. A version that already is the champion (a retried promotion) stays promoted."""
         candidate = self._complete(str(version))
         previous = self.champion()
+        if previous is not None and previous.version == candidate.version:
+            logger.info("%s v%s is already the champion", self.model_name, candidate.version)
+            parent = candidate.tags.get("loire.parent_version", "none")
+            return Decision(True, ["pass: already the champion"], None if parent == "none" else parent)
         champion_average = None
         if previous is not None and previous.version != candidate.version and previous.run_id:
             champion_average = self._run_metric(previous.run_id, "downstream/average")
             if downstream_scores:
                 downstream_average, champion_average = self._common_averages(previous.run_id, downstream_scores)
         checks = [_ap_plus_gate(ap_plus, gates), _downstream_gate(downstream_average, champion_average, gates)]
+        if parent_version is not _UNCHECKED:
+            checks.append(_lineage_gate(parent_version, previous.version if previous is not None else None))
         reasons = [reason for _, reason in checks]
         promoted = all(ok for ok, _ in checks)
         if promoted:
             self._set_alias(CHAMPION, candidate.version)
             self._set_tag(candidate.version, "loire.promoted", "true")
-            self._set_tag(candidate.version, "loire.promotion", "promoted")
+            self._set_tag(candidate.version, PROMOTION_TAG, "promoted")
         else:
             failed = "; ".join(reason for ok, reason in checks if not ok)
-            self._set_tag(candidate.version, "loire.promotion", f"rejected: {failed}")
+            self._set_tag(candidate.version, PROMOTION_TAG, f"rejected: {failed}")
         logger.info(
             "%s v%s %s: %s",
             self.model_name,
@@ -780,6 +895,12 @@ class Tracker:
     def _complete(self, version: str) -> ModelVersion:
         """The version once READY with all its artifacts uploaded; raises otherwise."""
         ready = self._wait_ready(version)
+        self._check_artifacts(ready)
+        return ready
+
+    def _check_artifacts(self, ready: ModelVersion) -> None:
+        """Raise RuntimeError unless the logged model behind `ready` holds every required artifact."""
+        version = ready.version
         model_id = _model_id(ready)
         top = {
             Path(f.path).name for f in self._call("list artifacts", self.client.list_logged_model_artifacts, model_id)
@@ -792,7 +913,6 @@ class Tracker:
         missing = sorted(required - top)
         if missing or not any(f.path.endswith(".safetensors") for f in weights):
             raise RuntimeError(f"{self.model_name} v{version}: incomplete artifacts (missing {missing or 'weights'})")
-        return ready
 
     def _run_metric(self, run_id: str, key: str) -> float | None:
         return self._call("get_run", self.client.get_run, run_id).data.metrics.get(key)

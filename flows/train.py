@@ -4,14 +4,21 @@ Its own flow so it can be deployed on a `gpu` work pool and started by the stage
 `run_deployment` (or called in-process as a subflow in the embedded mode). It passes paths and ids,
 never tensors: the stage folder it writes is the result.
 
-Resume: checkpoints live beside `out_dir` and are keyed by the arrival (the stage flow names
-`out_dir` after domain and ETag), so a retry after a crash continues from the last complete
-checkpoint; a retry after training finished finds the complete stage folder and returns it at once.
+Resume: checkpoints live beside `out_dir` (`.<name>.checkpoints/checkpoint-<step>/`, each with a
+`COMPLETE` marker written last) and are keyed by the arrival and the parent version (the stage flow
+names `out_dir` after domain, ETag and parent), so a retry after a crash continues from the last
+complete checkpoint; a retry after training finished finds the complete stage folder and returns it at
+once. Retention: `run_stage` deletes the checkpoints once the stage folder is written, and a retry that
+finds the folder complete deletes any left behind by a process killed in between.
+
+Metrics reach MLflow through a `MetricBuffer` that never blocks training; what it could not send while
+the tracking server was away is flushed (with the tracker's retry budget) when training ends.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,8 +26,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from loire.lifelong import STAGE_FILE, read_stage, run_stage
-from loire.schedule import schedule_preset
+from flows.settings import resolve_schedule
+from loire.lifelong import STAGE_FILE, checkpoint_dir, read_stage, run_stage
+from loire.train import TrainingDiverged
 
 OnLog = Callable[[dict[str, float], int], None]
 
@@ -69,12 +77,23 @@ def _chain(*callbacks: OnLog | None) -> OnLog:
     return on_log
 
 
-def _tracker_callback(mlflow_run_id: str | None, tracking_uri: str | None) -> OnLog | None:
+def _tracker_callback(mlflow_run_id: str | None, tracking_uri: str | None) -> Any:
+    """The run's `MetricBuffer` (an `OnLog`), or None without a run."""
     if mlflow_run_id is None:
         return None
     from flows.tracking import Tracker
 
     return Tracker(tracking_uri=tracking_uri).on_log(mlflow_run_id)
+
+
+def _flush(buffer: Any) -> None:
+    """Send the metrics the buffer kept while the server was unreachable; a failure is only reported."""
+    if buffer is None or not buffer.pending:
+        return
+    try:
+        buffer.flush()
+    except Exception as exc:
+        get_run_logger().warning("could not send %d buffered training metrics: %s", buffer.pending, exc)
 
 
 @flow(name="train-stage", log_prints=False)
@@ -99,31 +118,40 @@ def train_stage(
     out = Path(out_dir)
     if (out / STAGE_FILE).is_file():
         logger.info("stage folder %s is already complete: training is not repeated", out)
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # left by a process killed after publishing
         return stage_summary(read_stage(out), out_dir)
-    sched = schedule_preset(schedule)
+    sched = resolve_schedule(schedule)  # a preset name or a schedule YAML file
     stage_index = 1 if parent_dir is None else int(read_stage(parent_dir)["stage"]) + 1
     spec = sched.stages[min(stage_index, len(sched.stages)) - 1]
     total = steps if steps is not None else spec.steps
     logger.info(
         "training stage %d (%s) from %s, %d steps, strategy %s", stage_index, domain, parent_dir, total, strategy
     )
-    result = run_stage(
-        domain,
-        corpus_dir,
-        out,
-        parent=parent_dir,
-        schedule=sched,
-        strategy=strategy,
-        steps=steps,
-        resume=True,  # a retried run continues from the last complete checkpoint, if any
-        teachers=teacher_dirs,
-        corpus_etag=etag,
-        source_uri=source_uri,
-        earlier_corpora=earlier_corpora,
-        device=device,
-        on_log=_chain(_tracker_callback(mlflow_run_id, tracking_uri), _progress_reporter(total)),
-        progress=False,
-    )
+    metrics = _tracker_callback(mlflow_run_id, tracking_uri)
+    try:
+        result = run_stage(
+            domain,
+            corpus_dir,
+            out,
+            parent=parent_dir,
+            schedule=sched,
+            strategy=strategy,
+            steps=steps,
+            resume=True,  # a retried run continues from the last complete checkpoint, if any
+            teachers=teacher_dirs,
+            corpus_etag=etag,
+            source_uri=source_uri,
+            earlier_corpora=earlier_corpora,
+            device=device,
+            on_log=_chain(metrics, _progress_reporter(total)),
+            progress=False,
+        )
+    except TrainingDiverged:
+        # Diverged checkpoints must not be resumed: a retry with sane settings trains afresh.
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+        raise
+    finally:
+        _flush(metrics)
     if result.record["train"]["resumed_from"] is not None:
         logger.info("resumed from checkpoint step %s", result.record["train"]["resumed_from"])
     logger.info(

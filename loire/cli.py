@@ -402,6 +402,41 @@ def lineage(
     console.print(render_lineage(chain))
 
 
+@app.command("resume-crashed")
+@clean_errors
+def resume_crashed(
+    deployment: Annotated[
+        str, typer.Option(help="The stage deployment (flow-name/deployment-name).")
+    ] = "lifelong-stage/lifelong-stage",
+    failed: Annotated[
+        bool,
+        typer.Option("--failed", help="Also reschedule Failed runs (after fixing the cause, e.g. an MLflow outage)."),
+    ] = False,
+    run: Annotated[list[str] | None, typer.Option("--run", help="Only this flow-run id (repeatable).")] = None,
+    max_resumes: Annotated[
+        int, typer.Option(help="Skip a run that already ended Crashed/Failed more than this many times.")
+    ] = 3,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be rescheduled.")] = False,
+) -> None:
+    """Reschedule crashed stage runs in place: same flow run, same MLflow run, training resumes from the last
+    complete checkpoint (the Prefect server is PREFECT_API_URL)."""
+    from flows.serve import resume_crashed as resume
+
+    done = resume(deployment, include_failed=failed, run_ids=run, max_resumes=max_resumes, dry_run=dry_run)
+    if not done:
+        console.print(f"no {'crashed or failed' if failed else 'crashed'} runs of {deployment}")
+        return
+    for r in done:
+        closed = f", {r.orphans} orphaned subflow run(s) marked Crashed" if r.orphans else ""
+        console.print(
+            f"{r.action}: flow run {r.name} {r.run_id} ({r.state}, arrival {r.arrival or '-'}){closed}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if any(r.action.startswith("skipped") for r in done):
+        raise typer.Exit(code=1)
+
+
 def run() -> None:  # pragma: no cover - console entry point
     app(prog_name="loire")
 

@@ -19,6 +19,12 @@ Every problem raises `CorpusError` naming the file (and line or row): a missing 
 no data files, undecodable bytes or NUL bytes, broken JSON, a missing or non-string `text`, corrupt
 gzip data, a document over `max_document_chars`, and a corpus with no documents at all.
 
+Memory stays bounded whatever the input: lines are read with a length cap (a 50 MB line without a
+newline is an error naming its line, not a 50 MB string), and gzip data is decompressed as a stream
+that is refused as a decompression bomb once it has produced more than `GZIP_RATIO_FLOOR` bytes at
+over `MAX_GZIP_RATIO` times the compressed bytes read so far (text compresses 3-10x; 1 GB of zeros
+is ~1000x), so a bomb is stopped after a few MB instead of being expanded in full.
+
 Cleaning:
 
 - Project Gutenberg books: a document (or a whole `.txt` file, before it is split into documents)
@@ -70,6 +76,10 @@ ACCEPTED_SUFFIXES = FORMATS + tuple(f"{s}.gz" for s in FORMATS)
 HELD_OUT_SPLITS = frozenset({"dev", "development", "val", "valid", "validation", "test"})
 # Table files larger than this (in total) are streamed by `datasets` instead of loaded into memory.
 STREAMING_BYTES = 200 * 1024**2
+# Decompression-bomb guard of gzipped files (see the module docstring): past GZIP_RATIO_FLOOR bytes of
+# output, more than MAX_GZIP_RATIO output bytes per compressed byte read is refused.
+MAX_GZIP_RATIO = 100.0
+GZIP_RATIO_FLOOR = 8 * 1024**2
 TEXT_FIELD = "text"
 
 # Gutenberg markers, whole lines, case-insensitive.
@@ -299,7 +309,74 @@ def _list_files(
 
 
 def _open(fs: fsspec.AbstractFileSystem, path: str) -> IO[bytes]:
-    return fs.open(path, "rb", compression="gzip" if path.lower().endswith(".gz") else None)
+    """The file's bytes; a `.gz` file is decompressed as a stream under the bomb guard (`_GzipGuard`)."""
+    raw = fs.open(path, "rb")
+    if not path.lower().endswith(".gz"):
+        return raw
+    try:
+        return _GzipGuard(raw)  # type: ignore[return-value]
+    except BaseException:
+        raw.close()
+        raise
+
+
+class _GzipBomb(Exception):
+    def __init__(self, produced: int, consumed: int) -> None:
+        super().__init__(
+            f"gzip data expands more than {MAX_GZIP_RATIO:g}x ({produced} bytes decompressed from the first "
+            f"{consumed} compressed bytes): refused as a decompression bomb"
+        )
+
+
+class _GzipGuard:
+    """A gzip stream that counts what it produces and raises `_GzipBomb` past the ratio cap.
+
+    Only bounded reads are served (`read(n)` in chunks, `readline(limit)`), so no single call can
+    expand the whole file before the check.
+    """
+
+    _CHUNK = 1024**2
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self._gz = gzip.GzipFile(fileobj=raw, mode="rb")
+        self._produced = 0
+
+    def _check(self, data: bytes) -> bytes:
+        self._produced += len(data)
+        if self._produced > GZIP_RATIO_FLOOR:
+            consumed = max(1, self._raw.tell())
+            if self._produced > MAX_GZIP_RATIO * consumed:
+                raise _GzipBomb(self._produced, consumed)
+        return data
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            parts = []
+            while chunk := self.read(self._CHUNK):
+                parts.append(chunk)
+            return b"".join(parts)
+        return self._check(self._gz.read(min(size, self._CHUNK)))
+
+    def readline(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = GZIP_RATIO_FLOOR  # callers here always pass a limit; never an unbounded line
+        return self._check(self._gz.readline(size))
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        try:
+            self._gz.close()
+        finally:
+            self._raw.close()
+
+    def __enter__(self) -> _GzipGuard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class _LineTooLong(Exception):
@@ -320,6 +397,8 @@ def _raw_lines(fs: fsspec.AbstractFileSystem, path: str, shown: str, limit: int)
                 if len(line) > limit:
                     raise _LineTooLong(lineno)
                 yield lineno, line
+    except _GzipBomb as exc:
+        raise CorpusError(shown, str(exc), lineno + 1) from None
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise CorpusError(shown, f"corrupt gzip data ({exc})", lineno + 1) from None
     except OSError as exc:
@@ -457,6 +536,8 @@ def _read_table(
             try:
                 with _open(fs, path) as src, open(source, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
+            except _GzipBomb as exc:
+                raise CorpusError(shown, str(exc)) from None
             except (EOFError, zlib.error, OSError) as exc:
                 what = "corrupt gzip data" if gz else "cannot read"
                 raise CorpusError(shown, f"{what} ({exc})") from None

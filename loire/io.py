@@ -50,12 +50,26 @@ def load_model(path: str | os.PathLike[str]) -> LoirePreTrainedModel:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
         found = f" (found {pickles}: pickle weights are refused)" if pickles else ""
         raise ValueError(f"{folder}: no .safetensors weights{found}")
+    for weights in sorted(folder.glob("*.safetensors")):
+        _check_safetensors(weights)
     config = LoireConfig.from_pretrained(folder)
     names = config.architectures or ["LoireForCausalLM"]
     if names[0] not in MODEL_CLASSES:
         raise ValueError(f"{folder}/config.json: architectures={names} is not one of {sorted(MODEL_CLASSES)}")
     with MODEL_INIT_LOCK:
         return MODEL_CLASSES[names[0]].from_pretrained(folder, use_safetensors=True)
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read the header of a safetensors file (no tensor data): a pickle or any other file renamed to
+    `.safetensors` is refused here, naming the file, before transformers touches it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a valid safetensors file ({exc})") from None
 
 
 def copy_tokenizer(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[str]:

@@ -73,6 +73,12 @@ def read_stage(path: str | os.PathLike[str]) -> dict[str, Any]:
     return record
 
 
+def checkpoint_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Where `run_stage` keeps the training checkpoints of the stage folder `out_dir` (a hidden sibling)."""
+    out = Path(out_dir)
+    return out.parent / f".{out.name}.checkpoints"
+
+
 def domain_prompt_token(domain: str) -> str:
     token = f"<{domain.upper()}>"
     return token if token in DOMAIN_TOKENS else DOMAIN_TOKENS[0]
@@ -218,7 +224,7 @@ def run_stage(
             distill_steps=min(spec.distill_steps, stage_steps), betas=betas, temperature=spec.temperature
         )
 
-    ckpt_dir = out.parent / f".{out.name}.checkpoints"
+    ckpt_dir = checkpoint_dir(out)
     base = dict(
         batch_size=spec.batch_size,
         lr=spec.lr,
