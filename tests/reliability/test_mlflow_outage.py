@@ -24,7 +24,7 @@ from flows.tracking import ARTIFACTS_TAG, arrival_key
 from loire.io import load_model
 from tests.flows.pipeline_harness import Pipeline, pipeline_fixture
 
-pytestmark = [pytest.mark.integration, pytest.mark.reliability, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
 OUTAGE_S = 20
 pipeline = pipeline_fixture(settings={"downstream_tasks": "none"})
@@ -45,6 +45,7 @@ def _assert_loadable(pipeline: Pipeline, version: Any, dest: Path) -> None:
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.slow  # ~50-75 s: a 20 s outage plus the server's restart
 def test_stage_rides_out_a_restart_of_the_tracking_server(
     pipeline: Pipeline, mlflow_server: Any, tmp_path: Path
 ) -> None:
@@ -97,6 +98,7 @@ def test_orphan_version_without_artifacts_does_not_count_as_registered(pipeline:
     _assert_loadable(pipeline, version, tmp_path / "news")
 
 
+@pytest.mark.slow  # ~60-90 s: a failed stage, a restart of the server and the retried stage
 def test_outage_past_the_retry_budget_fails_cleanly_and_a_retry_registers_once(
     pipeline: Pipeline, mlflow_server: Any, loire_cli: Any, tmp_path: Path
 ) -> None:

@@ -86,7 +86,6 @@ def _aliases(pipeline: Pipeline) -> dict[str, str]:
     return {alias: str(version) for alias, version in (model.aliases or {}).items()}
 
 
-@pytest.mark.slow
 def test_champion_reads_always_load_and_a_lost_upload_is_never_promoted(
     pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -109,9 +108,16 @@ def test_champion_reads_always_load_and_a_lost_upload_is_never_promoted(
 
         monkeypatch.setattr(HttpArtifactRepository, "log_artifact", lossy)
         monkeypatch.setenv("AWS_ENDPOINT_URL", pipeline.endpoint)
-        with pytest.raises(RuntimeError, match="incomplete artifacts"):
+        try:
             lifelong_stage(_arrival(pipeline, "NEWS"), pipeline.settings())
+            outcome = "the stage completed"
+        except RuntimeError as exc:
+            outcome = str(exc)
         monkeypatch.setattr(HttpArtifactRepository, "log_artifact", real)
+        reads = len(reader.loaded) + len(reader.errors)
+        pipeline.wait_until(lambda: len(reader.loaded) + len(reader.errors) > reads + 1, 60, "two more reads")
+        assert not reader.errors, reader.errors[:3]  # whatever happened, the champion always loaded
+        assert "incomplete artifacts" in outcome, outcome
         assert _aliases(pipeline) == {"champion": str(v1.version), CANDIDATE: str(v1.version)}
         assert pipeline.versions(pipeline.batch_uri("NEWS", "2026-02")) == []  # not left behind
 
@@ -156,13 +162,13 @@ def test_promotion_is_conditional_on_the_champion_being_the_parent(pipeline: Pip
     versions = pipeline.versions()
     latest = versions[-1]
     parent = latest.tags["loire.parent_version"]
-    if len(versions) < 3 or parent != pipeline.champion() or latest.tags.get(PROMOTION_TAG, "").startswith("promoted"):
+    if parent != pipeline.champion() or latest.tags.get(PROMOTION_TAG, "").startswith("promoted"):
         pytest.skip("needs the rejected stage of the test above, grown from the champion")
-    other = next(str(v.version) for v in versions if str(v.version) not in (parent, str(latest.version)))
     gates = Gates(max_ap_plus=None)
-    # As if this stage had grown from `other` and the champion had moved on meanwhile: not promoted.
+    # As if this stage had started as a first stage (no champion yet) and another first stage had been
+    # promoted while it was crashed: not promoted.
     moved = pipeline.tracker.promote(
-        str(latest.version), gates, ap_plus=None, downstream_average=None, parent_version=other
+        str(latest.version), gates, ap_plus=None, downstream_average=None, parent_version=None
     )
     assert not moved.promoted and any("champion moved" in r for r in moved.reasons), moved
     assert pipeline.champion() == parent
