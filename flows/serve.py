@@ -5,6 +5,14 @@ no arrival is dropped), `train-stage` and `downstream-eval` with the Prefect ser
 `PREFECT_API_URL` and executes their runs. Settings come from `LOIRE_*` variables
 (`flows.settings`). Production uses `prefect.yaml` and workers instead (see infra/README.md).
 
+Order. The deployment's ENQUEUE limit alone does not keep arrival order: the runner submits every run
+that is due in one poll concurrently, so two stage runs created within a poll race for the slot, and a
+run that lost is rescheduled at "now + a few seconds" each time it retries, so several waiting runs are
+taken in no particular order. In the embedded mode (training in-process) the runner therefore executes
+one flow run at a time (`limit=1`): it takes the due runs strictly by scheduled time, which is the
+order the watcher created them in (arrival order), and a waiting run keeps its original time. With
+`train_mode: deployment` the stage waits on a train-stage run of the same runner, so no limit is set.
+
 Recovery (`resume_crashed`, the `loire resume-crashed` command). The runner executes each flow run in a
 child process; when that process dies (OOM kill, SIGKILL, a lost machine under a worker), the runner
 reports the run Crashed and nothing retries it: Prefect's flow retries only cover exceptions raised
@@ -138,8 +146,19 @@ def resume_crashed(
     return done
 
 
+def runner_limit() -> int | None:
+    """Flow runs this process executes at once: 1 in the embedded mode (see Order above), else no limit."""
+    from flows.settings import load_settings
+
+    try:
+        mode = load_settings().train_mode
+    except ValueError:  # invalid settings: every stage will fail and say why; keep the safe order
+        return 1
+    return 1 if mode == "in-process" else None
+
+
 def main() -> None:  # pragma: no cover - a long-running process, exercised by the demo and pipeline tests
-    serve(*deployments(), pause_on_shutdown=False, print_starting_message=False)
+    serve(*deployments(), limit=runner_limit(), pause_on_shutdown=False, print_starting_message=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

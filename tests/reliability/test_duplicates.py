@@ -5,7 +5,9 @@ Semantics under test (an arrival is one version of a `_SUCCESS` marker: its key 
 - a stage started by hand for an arrival that is already registered does nothing;
 - the marker re-uploaded with the same bytes (same ETag) is the same arrival: nothing happens; a batch
   re-published with new data and a new marker (new ETag) is a new arrival: a new stage for that domain;
-- an arrival while a stage runs waits for it (deployment concurrency 1, ENQUEUE) and then grows from it;
+- arrivals while a stage runs wait for it, then run one at a time in arrival order, each growing from
+  the one before (the served runner executes one run at a time, in scheduled order; the stage
+  deployment's concurrency limit 1, ENQUEUE, backs it up);
 - a marker without data files fails its stage at once with a LandingError naming the key; the registry
   is unchanged and the next arrival runs.
 """
@@ -123,24 +125,28 @@ def test_same_etag_is_a_no_op_and_a_new_etag_is_a_new_stage(pipeline: Pipeline) 
     assert pipeline.champion() == str(second.version)
 
 
-def test_arrival_during_a_running_stage_waits_then_grows_from_it(pipeline: Pipeline) -> None:
+def test_arrivals_during_a_running_stage_wait_then_run_in_arrival_order(pipeline: Pipeline) -> None:
     pipeline.upload("REV", "2026-03")
     (a,) = pipeline.watch()
     pipeline.wait_while_running(a, lambda: pipeline.run_state(a).is_running(), 120, "stage REV to run", every=0.2)
     pipeline.upload("BIO", "2026-03")
     (b,) = pipeline.watch()
-    time.sleep(3)  # long enough for the runner to have tried to start it
+    pipeline.upload("NEWS", "2026-03")
+    (c,) = pipeline.watch()
+    time.sleep(3)  # long enough for the runner to have tried to start them
     if pipeline.run_state(a).is_running():
-        assert not pipeline.run_state(b).is_running(), "two stages ran at once"
-    first, second = pipeline.wait([a, b])
-    assert first.state.is_completed() and second.state.is_completed(), pipeline.describe(second)
-    assert first.end_time <= second.start_time  # enqueued, never overlapping
-    waited = [s.name for s in pipeline.states(b)]
-    assert "AwaitingConcurrencySlot" in waited, waited
+        assert not pipeline.run_state(b).is_running() and not pipeline.run_state(c).is_running(), "overlap"
+    runs = pipeline.wait([a, b, c])
+    for run in runs:
+        assert run.state.is_completed(), pipeline.describe(run)
+    first, second, third = runs
+    assert first.end_time <= second.start_time and second.end_time <= third.start_time  # one at a time, in order
     (rev,) = pipeline.versions(pipeline.batch_uri("REV", "2026-03"))
     (bio,) = pipeline.versions(pipeline.batch_uri("BIO", "2026-03"))
-    assert bio.tags["loire.parent_version"] == str(rev.version)  # it grew from the stage it waited for
-    assert pipeline.champion() == str(bio.version)
+    (news,) = pipeline.versions(pipeline.batch_uri("NEWS", "2026-03"))
+    assert bio.tags["loire.parent_version"] == str(rev.version)  # each grew from the stage it waited for
+    assert news.tags["loire.parent_version"] == str(bio.version)
+    assert pipeline.champion() == str(news.version)
 
 
 def test_marker_without_data_fails_its_stage_and_the_next_arrival_runs(pipeline: Pipeline) -> None:
