@@ -13,7 +13,6 @@ so a later pipeline never inherits a half-done stage.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -33,7 +32,7 @@ from flows.demo import wait_flow_run
 from flows.tracking import Tracker
 from flows.watch import watch_corpora
 from loire.synthetic import generate
-from tests.flows.servers_aws import _queue_policy
+from tests.flows.servers_aws import make_notified_bucket
 
 STAGE_TIMEOUT_S = 300
 DEPLOYMENTS = ("lifelong-stage/lifelong-stage", "train-stage/train-stage", "downstream-eval/downstream-eval")
@@ -290,23 +289,7 @@ def kill_flow_run(pipeline: Pipeline, run_id: str) -> list[int]:
 
 def _make_bucket(s3: BaseClient, sqs: BaseClient) -> tuple[str, str]:
     bucket = f"corpora-{uuid.uuid4().hex[:8]}"
-    s3.create_bucket(Bucket=bucket)
-    queue_url = sqs.create_queue(QueueName=bucket)["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    sqs.set_queue_attributes(QueueUrl=queue_url, Attributes={"Policy": json.dumps(_queue_policy(arn, bucket))})
-    s3.put_bucket_notification_configuration(
-        Bucket=bucket,
-        NotificationConfiguration={
-            "QueueConfigurations": [
-                {
-                    "QueueArn": arn,
-                    "Events": ["s3:ObjectCreated:*"],
-                    "Filter": {"Key": {"FilterRules": [{"Name": "suffix", "Value": "_SUCCESS"}]}},
-                }
-            ]
-        },
-    )
-    return bucket, queue_url
+    return bucket, make_notified_bucket(s3, sqs, bucket)
 
 
 def cancel_unfinished_runs() -> None:

@@ -85,10 +85,17 @@ def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer
 def landing_bucket(moto_server: MotoServer) -> Iterator[LandingBucket]:
     s3, sqs = moto_server.client("s3"), moto_server.client("sqs")
     name = f"landing-{uuid.uuid4().hex[:12]}"
+    queue_url = make_notified_bucket(s3, sqs, name)
+    yield LandingBucket(s3, sqs, name, queue_url, f"s3://{name}/landing")
+    sqs.delete_queue(QueueUrl=queue_url)
+    _delete_bucket(s3, name)
+
+
+def make_notified_bucket(s3: BaseClient, sqs: BaseClient, name: str) -> str:
+    """Bucket `name` whose `_SUCCESS` markers are notified to a new SQS queue of the same name; returns its URL."""
     s3.create_bucket(Bucket=name)
     queue_url = sqs.create_queue(QueueName=name)["QueueUrl"]
     arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    # moto does not enforce it, but AWS refuses the notification configuration without this policy.
     sqs.set_queue_attributes(QueueUrl=queue_url, Attributes={"Policy": json.dumps(_queue_policy(arn, name))})
     s3.put_bucket_notification_configuration(
         Bucket=name,
@@ -102,9 +109,7 @@ def landing_bucket(moto_server: MotoServer) -> Iterator[LandingBucket]:
             ]
         },
     )
-    yield LandingBucket(s3, sqs, name, queue_url, f"s3://{name}/landing")
-    sqs.delete_queue(QueueUrl=queue_url)
-    _delete_bucket(s3, name)
+    return queue_url
 
 
 def _queue_policy(queue_arn: str, bucket: str) -> dict[str, Any]:
