@@ -21,7 +21,7 @@ lint: install
 	$(PY) -m ruff format --check loire flows infra tests bench examples
 
 test: lint
-	$(PY) -m pytest -m "not slow and not gpu"
+	$(PY) -m pytest -m "not slow and not gpu" --durations=30
 
 test-all: lint
 	$(PY) -m pytest

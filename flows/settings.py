@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -126,10 +126,14 @@ def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     """`LOIRE_<FIELD>` environment variables (upper-case field names) as a dict of raw values."""
     env = os.environ if environ is None else environ
     raw: dict[str, Any] = {}
-    for name in PipelineSettings.model_fields:
+    for name, field in PipelineSettings.model_fields.items():
         value = env.get(ENV_PREFIX + name.upper())
-        if value is not None:
-            raw[name] = None if value.lower() in ("", "none", "null") else value
+        if value is None:
+            continue
+        # "none"/"null"/"" unset only a field that may be None; elsewhere "none" is a value
+        # (LOIRE_DOWNSTREAM_TASKS=none means "no downstream tasks").
+        nullable = type(None) in get_args(field.annotation)
+        raw[name] = None if nullable and value.lower() in ("", "none", "null") else value
     return raw
 
 

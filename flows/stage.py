@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -263,17 +264,25 @@ def _plot(out_dir: str) -> str | None:
 
 
 def ppl_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """Stage × domain perplexity rows with AP per stage (the Prefect table artifact)."""
+    """Stage × domain perplexity rows with AP and AP+ per stage (the Prefect table artifact).
+
+    AP+ of stage t is ELLE's mean rise of each earlier domain's perplexity since it was trained; stage 1
+    has none ("—": Prefect renders cells as markdown, where a lone "-" is an empty list). Every row
+    carries every key: Prefect takes a table's columns from its first row.
+    """
     domains = [e["domain"] for e in record["lineage"]]
+    matrix = record["ppl_matrix"]
     rows = []
-    for i, row in enumerate(record["ppl_matrix"]):
+    for i, row in enumerate(matrix):
         seen = [row[d] for d in domains[: i + 1] if d in row]
         out: dict[str, Any] = {"stage": i + 1, "domain": domains[i]}
         out.update({d: round(row[d], 2) if d in row else "" for d in domains})
         out["AP"] = round(average_perplexity(seen), 2)
-        out["AP+"] = ""  # Prefect takes the columns from the first row; the last row gets the value
+        rises = [row[d] - matrix[j][d] for j, d in enumerate(domains[:i]) if d in row and d in matrix[j]]
+        out["AP+"] = round(math.fsum(rises) / len(rises), 2) if rises else "—"
         rows.append(out)
-    rows[-1]["AP+"] = "" if record["ap_plus"] is None else round(record["ap_plus"], 2)
+    if record["ap_plus"] is not None:  # the stage's own figure, as logged to MLflow
+        rows[-1]["AP+"] = round(record["ap_plus"], 2)
     return rows
 
 

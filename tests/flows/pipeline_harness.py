@@ -325,8 +325,8 @@ def start_pipeline(
     **env: str,
 ) -> Iterator[Pipeline]:
     """A served pipeline under `root`; `env` overrides the serve environment (e.g. LOIRE_STEPS="60") and
-    `settings` is written to the `LOIRE_SETTINGS` YAML file (for values a variable cannot carry, such as
-    `downstream_tasks: none`: `LOIRE_*` variables read "none" as unset)."""
+    `settings` is written to the `LOIRE_SETTINGS` YAML file (structured values, and the path a settings-file
+    user takes)."""
     data = generate(root / "data", documents=200, task_examples=24)
     if settings:
         (root / "settings.yaml").write_text(yaml.safe_dump(settings))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.settings import PipelineSettings, load_settings
+from flows.settings import PipelineSettings, from_env, load_settings
 
 
 def test_defaults_env_yaml_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,3 +44,10 @@ def test_unreadable_settings_file_is_named(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(ValueError, match=r"bad\.yaml: pipeline settings must be a mapping"):
         load_settings(path=bad)
+
+
+def test_none_in_env_unsets_only_nullable_fields() -> None:
+    raw = from_env({"LOIRE_DOWNSTREAM_TASKS": "none", "LOIRE_MAX_AP_PLUS": "None", "LOIRE_TRACKING_URI": ""})
+    assert raw == {"downstream_tasks": "none", "max_ap_plus": None, "tracking_uri": None}
+    settings = load_settings(raw)
+    assert settings.downstream_tasks == "none" and settings.max_ap_plus is None

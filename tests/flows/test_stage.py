@@ -10,7 +10,7 @@ import pytest
 from flows.demo import drop_corpus
 from flows.landing import list_arrivals
 from flows.settings import PipelineSettings
-from flows.stage import lifelong_stage
+from flows.stage import lifelong_stage, ppl_rows
 from flows.tracking import Tracker
 from loire.data import CorpusError
 from loire.synthetic import generate
@@ -83,3 +83,15 @@ def test_malformed_corpus_fails_the_stage_and_keeps_the_champion(
     assert (before and before.version) == (after and after.version)
     versions = tracker.client.search_model_versions("name='loire-lm'")
     assert len(versions) == (0 if before is None else int(before.version))
+
+
+def test_ppl_rows_carry_ap_and_ap_plus_on_every_row() -> None:
+    record = {
+        "lineage": [{"domain": "WB"}, {"domain": "NEWS"}, {"domain": "REV"}],
+        "ppl_matrix": [{"WB": 10.0}, {"WB": 12.0, "NEWS": 8.0}, {"WB": 9.0, "NEWS": 11.0, "REV": 6.0}],
+        "ap_plus": 1.0,  # (9 - 10 + 11 - 8) / 2
+    }
+    rows = ppl_rows(record)
+    assert [list(r) for r in rows] == [["stage", "domain", "WB", "NEWS", "REV", "AP", "AP+"]] * 3
+    assert [r["AP+"] for r in rows] == ["—", 2.0, 1.0]
+    assert rows[0]["NEWS"] == "" and rows[1]["AP"] == pytest.approx((12.0 * 8.0) ** 0.5, abs=0.01)
