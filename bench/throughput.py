@@ -236,6 +236,10 @@ def render(results: dict[str, Any]) -> str:
         "equal parameter counts and logits checked before timing). Rounds alternate between the models in one process "
         "after a warmup (A B, B A, ...); tokens/s is the median over rounds. Goal: loire/hf >= 1.0x.",
         "",
+        "The models run the same matmuls and attention kernel (Loire's q/k/v are three matmuls where HF's c_attn is "
+        "one; measured as equal here). Loire's loss is its own cross-entropy (`loire.model._CrossEntropy`), which "
+        "keeps no (N, V) log-softmax and builds the gradient in place; HF uses `F.cross_entropy`.",
+        "",
         "The machine may be shared: for every round the script records the share of the machine's CPU that other "
         "processes used meanwhile (from /proc/stat). *paired* is the median of per-round ratios (each round's two "
         f"measurements are adjacent in time); *quiet* uses only rounds where other processes took < {QUIET_SHARE:.0%}.",

@@ -12,11 +12,12 @@ Growth-time devices (see `loire.grow`), both removable by `consolidate()` once t
 from __future__ import annotations
 
 import logging
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -33,13 +34,44 @@ from loire.config import LoireConfig
 logger = logging.getLogger(__name__)
 
 
+class _CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy over targets != -100, equal to F.cross_entropy(ignore_index=-100) in value and gradient.
+
+    Why not F.cross_entropy: it keeps the (N, V) log-softmax for backward, then zero-fills another (N, V)
+    tensor and runs the log-softmax backward over both. Here only the logits and the (N,) log-sum-exp are
+    kept, and the gradient softmax − onehot is built in place in one (N, V) tensor: less memory traffic
+    on the largest tensors of a language-model step (N tokens × V vocabulary).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # (N, V), (N,)
+        valid = target != -100  # (N,)
+        index = torch.where(valid, target, 0)  # (N,)
+        lse = torch.logsumexp(logits, dim=-1)  # (N,)
+        nll = (lse - logits.gather(1, index[:, None]).squeeze(1)) * valid  # (N,)
+        count = valid.sum()
+        ctx.save_for_backward(logits, lse, index, valid, count)
+        return nll.sum() / count  # nan when every target is ignored, as F.cross_entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, lse, index, valid, count = ctx.saved_tensors
+        grad = logits.sub(lse[:, None]).exp_()  # (N, V): softmax
+        rows = torch.arange(len(index), device=grad.device)
+        grad[rows, index] -= 1.0
+        grad.mul_((valid * (grad_loss / count)).to(grad.dtype)[:, None])  # ignored rows get zero gradient
+        return grad, None
+
+
 def shifted_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy: position i predicts labels[i + 1]; -100 is ignored.
+    """Next-token cross-entropy in float32: position i predicts labels[i + 1]; -100 is ignored.
 
     The labels are shifted (padded with -100), not the logits, so no logits-sized copy is made.
     """
     shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
+    logits = logits.float().reshape(-1, logits.shape[-1])  # (B·T, V)
+    return _CrossEntropy.apply(logits, shifted.reshape(-1))
 
 
 class LoireNorm(nn.Module):

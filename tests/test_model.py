@@ -173,3 +173,22 @@ def test_rope_tables_equal_hf_llama_at_long_positions() -> None:
     cos, sin = rope_cos_sin(positions, 128, 500000.0, torch.float32)
     torch.testing.assert_close(cos[:, 0], cos_hf, rtol=0, atol=0)
     torch.testing.assert_close(sin[:, 0], sin_hf, rtol=0, atol=0)
+
+
+def test_lm_loss_equals_torch_cross_entropy_in_value_and_gradient() -> None:
+    from loire.model import _CrossEntropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(37, 53, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 53, (37,))
+    target[::5] = -100  # ignored positions: no loss, zero gradient
+    ours = _CrossEntropy.apply(logits, target)
+    (grad_ours,) = torch.autograd.grad(ours, logits)
+    ref = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100)
+    (grad_ref,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad_ours, grad_ref, rtol=0, atol=1e-15)
+    assert grad_ours[::5].abs().max() == 0
+    small = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: _CrossEntropy.apply(z, torch.tensor([3, -100, 0, 6, 2, 2])), (small,))
+    assert _CrossEntropy.apply(small, torch.full((6,), -100)).isnan()  # as F.cross_entropy: 0 / 0
