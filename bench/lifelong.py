@@ -83,6 +83,9 @@ def render(result: dict[str, Any]) -> str:
     lines = ["# Lifelong benchmark: all strategies over WB → NEWS → REV → BIO → CS (gpt-tiny, CPU)", ""]
     m = result["machine"]
     lines += [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}.", ""]
+    if result.get("machine_kept"):
+        k = result["machine_kept"]
+        lines += [f"Strategies not rerun on that date keep their results from {k['date']} (same machine type).", ""]
     lines += [f"Steps per stage: {result['steps'] or 'schedule default'}; schedule preset `gpt-tiny`.", ""]
     lines += [
         "## Summary",
@@ -109,7 +112,7 @@ def render(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {st['stage']} {st['domain']} | " + " | ".join(cells) + f" | {st['ap']:.1f} | {ap_plus} | {growth} |"
             )
-    if "distill_overhead" in result:
+    if result.get("distill_overhead"):
         o = result["distill_overhead"]
         lines += ["", "## Distillation overhead at stage 5", ""]
         lines += [
@@ -123,6 +126,27 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def targets(result: dict[str, Any]) -> dict[str, bool]:
+    """The issue's targets, for LOIRE and for LOIRE with experience replay (`loire-er`) where present."""
+    s, out = result["strategies"], {}
+    for name in ("loire", "loire-er"):
+        if name not in s:
+            continue
+        label = "LOIRE" if name == "loire" else "LOIRE+ER (loire-er)"
+        out[f"{label} AP+ <= 0 at every stage"] = all(st["ap_plus"] <= 0 for st in s[name]["stages"][1:])
+        compared = [n for n in COMPARED if n in s]
+        if compared:
+            last_ap = s[name]["stages"][-1]["ap"]
+            out[f"{label} last-stage AP lowest among " + ", ".join(compared)] = last_ap < min(
+                s[n]["stages"][-1]["ap"] for n in compared
+            )
+        if "fixed-large" in s:
+            out[f"{label} FLOPs <= 0.7x fixed-large"] = s[name]["total_flops"] <= 0.7 * s["fixed-large"]["total_flops"]
+    if result.get("distill_overhead"):
+        out["distillation hot-loop overhead <= 1.3x"] = result["distill_overhead"]["hot_loop_ratio"] <= 1.3
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
@@ -130,34 +154,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override every stage's steps")
     parser.add_argument("--work", default=None, help="where stage folders go (default: a temporary folder)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "lifelong.md"))
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the other strategies' results already in the output JSON"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
     work = Path(args.work or tempfile.mkdtemp(prefix="loire-lifelong-"))
     result: dict[str, Any] = {"machine": machine_facts(torch.get_num_threads()), "steps": args.steps, "strategies": {}}
     out = Path(args.out)
+    if args.keep and out.with_suffix(".json").exists():
+        kept = json.loads(out.with_suffix(".json").read_text())
+        if kept.get("steps") != args.steps:
+            raise SystemExit(f"--keep: {out.with_suffix('.json')} was run with --steps {kept.get('steps')}")
+        result["strategies"] = kept["strategies"]
+        result["distill_overhead"] = kept.get("distill_overhead")
+        result["machine_kept"] = kept.get("machine")
     for name in args.strategies.split(","):
         print(f"== {name}", flush=True)
         summary = run_lifelong(args.data, DOMAINS, work / name, strategy=name, steps=args.steps, progress=False)
         result["strategies"][name] = summary
         out.with_suffix(".json").write_text(json.dumps(result, indent=2))
         out.write_text(render(result))
-    if "loire" in result["strategies"]:
+    ran = args.strategies.split(",")
+    if "loire" in ran:
         dirs = [work / "loire" / f"stage-{i + 1}-{d}" for i, d in enumerate(DOMAINS)]
         result["distill_overhead"] = distill_overhead(dirs, corpus_uri(args.data, "CS"))
-        s = result["strategies"]
-        loire_ap = s["loire"]["stages"][-1]["ap"]
-        targets = {"LOIRE AP+ <= 0 at every stage": all(st["ap_plus"] <= 0 for st in s["loire"]["stages"][1:])}
-        others = [s[n]["stages"][-1]["ap"] for n in COMPARED if n in s]
-        if others:
-            targets["LOIRE last-stage AP lowest among " + ", ".join(n for n in COMPARED if n in s)] = loire_ap < min(
-                others
-            )
-        if "fixed-large" in s:
-            targets["LOIRE FLOPs <= 0.7x fixed-large"] = (
-                s["loire"]["total_flops"] <= 0.7 * s["fixed-large"]["total_flops"]
-            )
-        targets["distillation hot-loop overhead <= 1.3x"] = result["distill_overhead"]["hot_loop_ratio"] <= 1.3
-        result["targets"] = targets
+    result["targets"] = targets(result)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     out.write_text(render(result))
     print(render(result))

@@ -186,7 +186,7 @@ def train_stage(
     preset: Annotated[str, typer.Option(help="Schedule preset.")] = "gpt-tiny",
     schedule: Annotated[Path | None, typer.Option(help="Schedule YAML (overrides --preset).")] = None,
     strategy: Annotated[
-        str, typer.Option(help="loire, fixed-small, fixed-large, retrain, token-kd, replay, elle.")
+        str, typer.Option(help="loire, loire-er, fixed-small, fixed-large, retrain, token-kd, replay, elle.")
     ] = "loire",
     steps: Annotated[int | None, typer.Option(help="Override the stage's optimizer steps.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last complete checkpoint.")] = False,
@@ -230,7 +230,7 @@ def lifelong(
     out: Annotated[Path, typer.Option(help="Output folder: one stage folder per domain, JSON and PNG.")],
     domains: Annotated[str, typer.Option(help="Comma-separated domains, in order.")] = "WB,NEWS,REV,BIO,CS",
     strategy: Annotated[
-        str, typer.Option(help="loire, fixed-small, fixed-large, retrain, token-kd, replay, elle.")
+        str, typer.Option(help="loire, loire-er, fixed-small, fixed-large, retrain, token-kd, replay, elle.")
     ] = "loire",
     preset: Annotated[str, typer.Option(help="Schedule preset.")] = "gpt-tiny",
     schedule: Annotated[Path | None, typer.Option(help="Schedule YAML (overrides --preset).")] = None,

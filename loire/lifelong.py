@@ -321,6 +321,7 @@ def run_stage(
             "tokens": result.tokens,
             "final_loss": result.final_loss,
             "resumed_from": result.resumed_from,
+            "replay_ratio": config.replay_ratio,
             "history": result.history,
         },
     }

@@ -7,6 +7,10 @@ assumptions made where the papers leave details open:
   (plug-in layers, λ scheduled 1 → 0 over the warmup), then train with the iterative distillation
   warmup from *all* earlier stage models (β uniform, linear decay over the window; see
   `loire.distill`).
+- `loire-er`: `loire` plus ELLE's experience replay (ratio 0.1: a tenth of every batch drawn from a
+  memory of earlier domains' training blocks); the teachers' distributions are cached for the replayed
+  rows too, so distillation covers old-domain text as well. The paper distils on the new-domain batch
+  "plus any replayed batch"; ELLE, the closest growth method, always replays.
 - `fixed-small` (GPT_S): the M1-size model trained continually on each new domain, no growth, no
   protection against forgetting.
 - `fixed-large` (GPT_L): the final (M5) size from the first stage, trained continually.
@@ -52,6 +56,7 @@ class Strategy:
 
 STRATEGIES: dict[str, Strategy] = {
     "loire": Strategy("loire", size="schedule", growth="exact", distill="all"),
+    "loire-er": Strategy("loire-er", size="schedule", growth="exact", distill="all", replay_ratio=0.1),
     "fixed-small": Strategy("fixed-small", size="first", growth="none", distill="none"),
     "fixed-large": Strategy("fixed-large", size="final", growth="none", distill="none"),
     "retrain": Strategy("retrain", size="final", growth="none", distill="none", from_scratch=True),

@@ -142,7 +142,9 @@ def test_lifelong_command_writes_table_json_and_plot(tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "BIO" in missing.output
 
 
-@pytest.mark.parametrize("strategy", ["loire", "fixed-small", "fixed-large", "retrain", "token-kd", "replay", "elle"])
+@pytest.mark.parametrize(
+    "strategy", ["loire", "loire-er", "fixed-small", "fixed-large", "retrain", "token-kd", "replay", "elle"]
+)
 def test_every_strategy_runs_two_stages(tmp_path: Path, strategy: str) -> None:
     a, b = write_corpus(tmp_path / "a", 0), write_corpus(tmp_path / "b", 1)
     schedule = small_schedule(steps=4)
@@ -154,15 +156,16 @@ def test_every_strategy_runs_two_stages(tmp_path: Path, strategy: str) -> None:
     hidden = record["dims"]["hidden_size"]
     if strategy in ("fixed-small", "token-kd", "replay"):
         assert hidden == 64
-    elif strategy in ("loire", "elle"):
+    elif strategy in ("loire", "loire-er", "elle"):
         assert hidden == 128 and read_stage(tmp_path / "s1")["dims"]["hidden_size"] == 64
     elif strategy in ("fixed-large", "retrain"):
         assert hidden == 128 and read_stage(tmp_path / "s1")["dims"]["hidden_size"] == 128
-    if strategy == "loire":
+    if strategy in ("loire", "loire-er"):
         assert s2.growth_max_abs_logit_diff < 1e-4
+    assert record["train"]["replay_ratio"] == {"loire-er": 0.1, "replay": 0.2, "elle": 0.1}.get(strategy, 0.0)
     if strategy == "elle":
         assert s2.growth_max_abs_logit_diff > 1e-3  # bert2BERT-style expansion is not function-preserving
     if strategy == "retrain":
         assert record["train"]["steps"] == 2 * s1.record["train"]["steps"]
-    assert (record["distill"] is not None) == (strategy in ("loire", "token-kd"))
+    assert (record["distill"] is not None) == (strategy in ("loire", "loire-er", "token-kd"))
     assert s2.ap > 0 and s2.ap_plus is not None
