@@ -389,14 +389,16 @@ def _lineage_gate(parent: str | None, champion: str | None) -> tuple[bool, str]:
     return False, f"fail: the champion moved to v{champion} while this stage grew from {grown_from}"
 
 
-def _downstream_gate(mine: float | None, champion: float | None, gates: Gates) -> tuple[bool, str]:
+def _downstream_gate(
+    mine: float | None, champion: float | None, gates: Gates, scope: str = "downstream average"
+) -> tuple[bool, str]:
     if mine is None or champion is None:
         missing = "this version's" if mine is None else "the champion's"
         return True, f"skip: downstream gate ({missing} downstream average is missing)"
     floor = champion - gates.downstream_tolerance
     if not math.isfinite(mine) or mine < floor:
-        return False, f"fail: downstream average {mine:.4g} < champion {champion:.4g} - {gates.downstream_tolerance}"
-    return True, f"pass: downstream average {mine:.4g} >= champion {champion:.4g} - {gates.downstream_tolerance}"
+        return False, f"fail: {scope} {mine:.4g} < champion {champion:.4g} - {gates.downstream_tolerance}"
+    return True, f"pass: {scope} {mine:.4g} >= champion {champion:.4g} - {gates.downstream_tolerance}"
 
 
 # -------------------------------------------------------------------------------------- tracker
@@ -857,12 +859,16 @@ class Tracker:
             logger.info("%s v%s is already the champion", self.model_name, candidate.version)
             parent = candidate.tags.get("loire.parent_version", "none")
             return Decision(True, ["pass: already the champion"], None if parent == "none" else parent)
-        champion_average = None
+        champion_average, scope = None, "downstream average"
         if previous is not None and previous.version != candidate.version and previous.run_id:
             champion_average = self._run_metric(previous.run_id, "downstream/average")
             if downstream_scores:
-                downstream_average, champion_average = self._common_averages(previous.run_id, downstream_scores)
-        checks = [_ap_plus_gate(ap_plus, gates), _downstream_gate(downstream_average, champion_average, gates)]
+                downstream_average, champion_average, common = self._common_averages(previous.run_id, downstream_scores)
+                scope = f"downstream average over the {len(common)} task(s) both were scored on"
+        checks = [
+            _ap_plus_gate(ap_plus, gates),
+            _downstream_gate(downstream_average, champion_average, gates, scope),
+        ]
         if parent_version is not _UNCHECKED:
             checks.append(_lineage_gate(parent_version, previous.version if previous is not None else None))
         reasons = [reason for _, reason in checks]
@@ -883,14 +889,14 @@ class Tracker:
         )
         return Decision(promoted, reasons, previous.version if previous is not None else None)
 
-    def _common_averages(self, run_id: str, mine: Mapping[str, float]) -> tuple[float | None, float | None]:
-        """Averages of this version's and the champion's scores over the tasks both were scored on."""
+    def _common_averages(self, run_id: str, mine: Mapping[str, float]) -> tuple[float | None, float | None, list[str]]:
+        """Averages of this version's and the champion's scores over the tasks both were scored on (and those)."""
         metrics = self._call("get_run", self.client.get_run, run_id).data.metrics
         theirs = {k.removeprefix("downstream/"): v for k, v in metrics.items() if k.startswith("downstream/")}
         common = sorted(t for t in mine if t in theirs and "/" not in t and t != "average")
         if not common:
-            return None, None
-        return (sum(mine[t] for t in common) / len(common), sum(theirs[t] for t in common) / len(common))
+            return None, None, []
+        return (sum(mine[t] for t in common) / len(common), sum(theirs[t] for t in common) / len(common), common)
 
     def _complete(self, version: str) -> ModelVersion:
         """The version once READY with all its artifacts uploaded; raises otherwise."""
