@@ -210,7 +210,8 @@ def run_stage(
     if strat.from_scratch:
         stage_steps *= t
 
-    # 4. teachers for distillation
+    # 4. teachers for distillation, over the schedule's window (or the strategy's shorter one)
+    window = spec.distill_steps if strat.distill_steps is None else min(spec.distill_steps, strat.distill_steps)
     teacher_models: list[LoirePreTrainedModel] = []
     if strat.distill != "none" and lineage:
         dirs = list(teachers) if teachers is not None else [entry["model_dir"] for entry in lineage]
@@ -220,9 +221,7 @@ def run_stage(
     distill = None
     if teacher_models:
         betas = spec.beta if (spec.beta is not None and len(spec.beta) == len(teacher_models)) else None
-        distill = DistillConfig(
-            distill_steps=min(spec.distill_steps, stage_steps), betas=betas, temperature=spec.temperature
-        )
+        distill = DistillConfig(distill_steps=min(window, stage_steps), betas=betas, temperature=spec.temperature)
 
     ckpt_dir = checkpoint_dir(out)
     base = dict(
@@ -247,7 +246,7 @@ def run_stage(
         flops += result.flops
     config = TrainConfig(
         steps=stage_steps,
-        device_steps=min(spec.distill_steps, stage_steps) if (targets and strat.growth == "exact") else 0,
+        device_steps=min(window, stage_steps) if (targets and strat.growth == "exact") else 0,
         distill=distill,
         replay_ratio=strat.replay_ratio if memory is not None else 0.0,
         checkpoint_every=max(1, stage_steps // 4),

@@ -7,10 +7,12 @@ assumptions made where the papers leave details open:
   (plug-in layers, λ scheduled 1 → 0 over the warmup), then train with the iterative distillation
   warmup from *all* earlier stage models (β uniform, linear decay over the window; see
   `loire.distill`).
-- `loire-er`: `loire` plus ELLE's experience replay (ratio 0.1: a tenth of every batch drawn from a
-  memory of earlier domains' training blocks); the teachers' distributions are cached for the replayed
-  rows too, so distillation covers old-domain text as well. The paper distils on the new-domain batch
-  "plus any replayed batch"; ELLE, the closest growth method, always replays.
+- `loire-er`: `loire` plus experience replay at the `replay` baseline's ratio (0.2 of every batch drawn
+  from a memory of earlier domains' training blocks); the teachers' distributions are cached for the
+  replayed rows too, so distillation covers old-domain text as well. Because replay carries the old
+  domains, the distillation (and plug-in λ) window is capped at 50 steps per stage instead of the
+  schedule's (150 for gpt-tiny), which saves most of the teachers' forward passes. The paper distils on
+  the new-domain batch "plus any replayed batch"; ELLE, the closest growth method, always replays.
 - `fixed-small` (GPT_S): the M1-size model trained continually on each new domain, no growth, no
   protection against forgetting.
 - `fixed-large` (GPT_L): the final (M5) size from the first stage, trained continually.
@@ -52,11 +54,14 @@ class Strategy:
     from_scratch: bool = False  # retrain on all data seen so far at every stage
     domain_prompts: bool = False
     recover_fraction: float = 0.0  # ELLE's function-recovering warmup, as a fraction of the stage's steps
+    distill_steps: int | None = None  # cap on the schedule's distillation / plug-in window (None: the schedule's)
 
 
 STRATEGIES: dict[str, Strategy] = {
     "loire": Strategy("loire", size="schedule", growth="exact", distill="all"),
-    "loire-er": Strategy("loire-er", size="schedule", growth="exact", distill="all", replay_ratio=0.1),
+    "loire-er": Strategy(
+        "loire-er", size="schedule", growth="exact", distill="all", replay_ratio=0.2, distill_steps=50
+    ),
     "fixed-small": Strategy("fixed-small", size="first", growth="none", distill="none"),
     "fixed-large": Strategy("fixed-large", size="final", growth="none", distill="none"),
     "retrain": Strategy("retrain", size="final", growth="none", distill="none", from_scratch=True),

@@ -162,10 +162,25 @@ def test_every_strategy_runs_two_stages(tmp_path: Path, strategy: str) -> None:
         assert hidden == 128 and read_stage(tmp_path / "s1")["dims"]["hidden_size"] == 128
     if strategy in ("loire", "loire-er"):
         assert s2.growth_max_abs_logit_diff < 1e-4
-    assert record["train"]["replay_ratio"] == {"loire-er": 0.1, "replay": 0.2, "elle": 0.1}.get(strategy, 0.0)
+    assert record["train"]["replay_ratio"] == {"loire-er": 0.2, "replay": 0.2, "elle": 0.1}.get(strategy, 0.0)
     if strategy == "elle":
         assert s2.growth_max_abs_logit_diff > 1e-3  # bert2BERT-style expansion is not function-preserving
     if strategy == "retrain":
         assert record["train"]["steps"] == 2 * s1.record["train"]["steps"]
     assert (record["distill"] is not None) == (strategy in ("loire", "loire-er", "token-kd"))
     assert s2.ap > 0 and s2.ap_plus is not None
+
+
+def test_strategy_caps_the_distillation_window(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from loire.strategies import STRATEGIES
+
+    capped = dataclasses.replace(STRATEGIES["loire-er"], distill_steps=2)
+    monkeypatch.setitem(STRATEGIES, "loire-er", capped)
+    a, b = write_corpus(tmp_path / "a", 0), write_corpus(tmp_path / "b", 1)
+    schedule = small_schedule(steps=6)
+    run_stage("WB", str(a), tmp_path / "s1", schedule=schedule, strategy="loire-er", progress=False)
+    run_stage("NEWS", str(b), tmp_path / "s2", parent=tmp_path / "s1", schedule=schedule, strategy="loire-er")
+    record = read_stage(tmp_path / "s2")
+    assert schedule.stages[1].distill_steps == 6 and record["distill"]["distill_steps"] == 2
