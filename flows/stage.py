@@ -40,10 +40,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import TaskRun
 from prefect.runtime import flow_run
-from prefect.states import State
-from prefect.tasks import Task, exponential_backoff
+from prefect.tasks import exponential_backoff
 
 from flows.downstream import downstream_eval
 from flows.landing import Arrival, fetch_batch, fetch_uri
@@ -51,26 +49,16 @@ from flows.redact import redact
 from flows.settings import PipelineSettings, load_settings
 from flows.tracking import Gates, RetryPolicy, Tracker
 from flows.train import train_stage
-from flows.watch import is_io_error
+from flows.watch import retry_on_io_error
 from loire.data import load_corpus
 from loire.lifelong import read_stage
 from loire.metrics import average_perplexity
-
-
-def _retry_on_io_error(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry a fetch on connection problems, throttling and 5xx only, never on bad input (LandingError)."""
-    try:
-        state.result()
-    except Exception as exc:
-        return is_io_error(exc)
-    return False
-
 
 IO_RETRIES = dict(
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_jitter_factor=0.5,
-    retry_condition_fn=_retry_on_io_error,
+    retry_condition_fn=retry_on_io_error,
 )
 # MLflow tasks: retried per request by the tracker (one budget); results never cached across attempts of a
 # flow run, so a resumed run sees the registry as it is now.

@@ -86,7 +86,8 @@ def is_io_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError | httpx.TransportError | BotoCoreError)
 
 
-def _retry_on_io_error(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+def retry_on_io_error(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Prefect retry condition: retry on connection problems, throttling and 5xx only, never on bad input."""
     try:
         state.result()
     except Exception as exc:
@@ -176,7 +177,7 @@ def _event_body(raw: str) -> dict[str, Any] | None:
     name="start-stage",
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_condition_fn=_retry_on_io_error,
+    retry_condition_fn=retry_on_io_error,
     cache_policy=NO_CACHE,  # a start must reach the server every time; the server dedups by key
 )
 def start_stage(arrival: Arrival, deployment: str) -> str:

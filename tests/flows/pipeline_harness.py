@@ -28,10 +28,13 @@ import pytest
 import yaml
 from botocore.client import BaseClient
 
-from flows.demo import wait_flow_run
+from flows.demo import drop_corpus, wait_flow_run
+from flows.landing import list_arrivals
+from flows.settings import PipelineSettings
 from flows.tracking import Tracker
 from flows.watch import watch_corpora
 from loire.synthetic import generate
+from tests.flows.processes import stop_process_group
 from tests.flows.servers_aws import make_notified_bucket
 
 STAGE_TIMEOUT_S = 300
@@ -114,16 +117,7 @@ class Pipeline:
 
     def stop_serving(self) -> None:
         served, self.served = self.served, None
-        if served is None or served.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(served.pid, signal.SIGTERM)
-        try:
-            served.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(served.pid, signal.SIGKILL)
-            served.wait(timeout=10)
+        stop_process_group(served)
 
     def _wait_for_deployments(self) -> None:
         """Until this serve process registered (or its runner polled) the stage deployment, not an earlier one."""
@@ -379,3 +373,26 @@ def pipeline_fixture(
             yield p
 
     return fixture
+
+
+# ---------------------------------------------------------------------- in-process stages (no served runner)
+def local_world(root: Path, *, documents: int, task_examples: int, **settings: Any) -> dict[str, Any]:
+    """Synthetic data, a local landing zone and SQLite MLflow under `root`, for calling `lifelong_stage` directly.
+
+    `settings` override the gpt-micro CPU defaults; the data folder is `root / "data"`."""
+    data = generate(root / "data", documents=documents, task_examples=task_examples)
+    defaults: dict[str, Any] = dict(
+        work_dir=str(root / "work"), tracking_uri=f"sqlite:///{root / 'mlflow.db'}", schedule="gpt-micro", device="cpu"
+    )
+    return {
+        "root": root,
+        "data": data,
+        "landing": root / "landing",
+        "settings": PipelineSettings(**(defaults | settings)),
+    }
+
+
+def arrive(world: dict[str, Any], domain: str, source: Path | None = None) -> dict[str, Any]:
+    """Drop `domain`'s corpus (or `source`) into the world's landing zone; the arrival's stage parameters."""
+    drop_corpus(source or world["data"] / "corpora" / domain.lower(), world["landing"], domain)
+    return next(a for a in list_arrivals(str(world["landing"])) if a.domain == domain).to_params()

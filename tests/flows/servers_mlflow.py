@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.flows.processes import stop_process_group
 
 __all__ = ["MLFLOW_TEST_ENV", "MlflowServer", "mlflow_server"]
 
@@ -87,16 +88,7 @@ class MlflowServer:
     def stop(self) -> None:
         """Terminate the server's process group (SIGTERM, then SIGKILL after 10 s)."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+        stop_process_group(proc, term_timeout_s=10)
 
     def _healthy(self) -> bool:
         try:

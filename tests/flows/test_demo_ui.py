@@ -33,6 +33,8 @@ from typing import Any
 
 import pytest
 
+from tests.flows.processes import stop_process_group
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,20 +144,6 @@ def _wait_health(url: str, proc: subprocess.Popen[bytes], log: Path, what: str) 
     pytest.fail(f"{what} did not answer at {url} within {SERVER_START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Terminate the server's process group (CLI and its uvicorn worker), then kill it if it lingers."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @dataclass(frozen=True)
 class Servers:
     prefect: str  # http://127.0.0.1:<port> (UI at /, API at /api)
@@ -204,7 +192,7 @@ def servers(demo: DemoRun) -> Iterator[Servers]:
         yield Servers(prefect=prefect_url, mlflow=mlflow_url, out=out)
     finally:
         for proc in procs:
-            _stop(proc)
+            stop_process_group(proc)
 
 
 def _api(prefect_url: str, path: str, body: dict[str, Any]) -> Any:

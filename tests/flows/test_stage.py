@@ -7,13 +7,11 @@ from typing import Any
 
 import pytest
 
-from flows.demo import drop_corpus
-from flows.landing import list_arrivals
 from flows.settings import PipelineSettings
 from flows.stage import lifelong_stage, ppl_rows
 from flows.tracking import Tracker
 from loire.data import CorpusError
-from loire.synthetic import generate
+from tests.flows.pipeline_harness import arrive, local_world
 
 pytestmark = pytest.mark.integration
 
@@ -21,33 +19,25 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("stage-flow")
-    data = generate(root / "data", documents=200, task_examples=24)
-    settings = PipelineSettings(
-        work_dir=str(root / "work"),
-        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
-        schedule="gpt-micro",
+    data = root / "data"
+    return local_world(
+        root,
+        documents=200,
+        task_examples=24,
         steps=8,
-        device="cpu",
         downstream_catalogue=str(data / "tasks.yaml"),
         downstream_data_root=str(data),
         downstream_budget=24,
         max_ap_plus=None,
         downstream_tolerance=1.0,  # 24-example fine-tuning is noise; the gates are tested in test_tracking
     )
-    return {"root": root, "data": data, "landing": root / "landing", "settings": settings}
-
-
-def _arrive(world: dict[str, Any], domain: str, source: Path | None = None) -> dict[str, Any]:
-    drop_corpus(source or world["data"] / "corpora" / domain.lower(), world["landing"], domain)
-    arrival = next(a for a in list_arrivals(str(world["landing"])) if a.domain == domain)
-    return arrival.to_params()
 
 
 def test_two_stages_register_lineage_promote_and_skip_duplicates(world: dict[str, Any], prefect_api: str) -> None:
     settings: PipelineSettings = world["settings"]
-    wb = _arrive(world, "WB")
+    wb = arrive(world, "WB")
     first = lifelong_stage(wb, settings)
-    second = lifelong_stage(_arrive(world, "NEWS"), settings)
+    second = lifelong_stage(arrive(world, "NEWS"), settings)
     assert (first["version"], second["version"]) == ("1", "2") and second["stage"] == 2
     tracker = Tracker(tracking_uri=settings.tracking_uri)
     chain = tracker.lineage("champion")
@@ -78,7 +68,7 @@ def test_malformed_corpus_fails_the_stage_and_keeps_the_champion(
     bad.mkdir()
     (bad / "part-0.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
     with pytest.raises(CorpusError, match=r"part-0\.jsonl.*line 2"):
-        lifelong_stage(_arrive(world, "REV", bad), settings)
+        lifelong_stage(arrive(world, "REV", bad), settings)
     after = tracker.champion()
     assert (before and before.version) == (after and after.version)
     versions = tracker.client.search_model_versions("name='loire-lm'")

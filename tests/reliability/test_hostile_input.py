@@ -22,7 +22,6 @@ import pytest
 import torch
 
 import loire.data
-from flows.demo import drop_corpus
 from flows.landing import (
     Arrival,
     LandingError,
@@ -37,8 +36,8 @@ from flows.tracking import Tracker
 from loire.data import CorpusError, load_corpus
 from loire.io import load_model
 from loire.lifelong import run_stage
-from loire.synthetic import generate
 from loire.tokenizer import load_tokenizer
+from tests.flows.pipeline_harness import arrive, local_world
 from tests.flows.servers_aws import LandingBucket
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
@@ -401,25 +400,10 @@ def test_load_tokenizer_names_a_corrupt_tokenizer_config(tmp_path: Path) -> None
 def world(tmp_path_factory: pytest.TempPathFactory, prefect_api: str) -> dict[str, Any]:
     """Version 1 registered and promoted by a real stage flow (local landing, SQLite MLflow)."""
     root = tmp_path_factory.mktemp("hostile-flow")
-    data = generate(root / "data", documents=120, task_examples=12)
-    settings = PipelineSettings(
-        work_dir=str(root / "work"),
-        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
-        schedule="gpt-micro",
-        steps=2,
-        device="cpu",
-        downstream_tasks="none",
-        max_ap_plus=None,
-    )
-    world = {"root": root, "data": data, "landing": root / "landing", "settings": settings}
-    first = lifelong_stage(arrive(world, "WB"), settings)
+    world = local_world(root, documents=120, task_examples=12, steps=2, downstream_tasks="none", max_ap_plus=None)
+    first = lifelong_stage(arrive(world, "WB"), world["settings"])
     assert first["version"] == "1" and first["promoted"]
     return world
-
-
-def arrive(world: dict[str, Any], domain: str) -> dict[str, Any]:
-    drop_corpus(world["data"] / "corpora" / domain.lower(), world["landing"], domain)
-    return next(a for a in list_arrivals(str(world["landing"])) if a.domain == domain).to_params()
 
 
 def registry_state(tracker: Tracker) -> tuple[list[str], dict[str, str]]:

@@ -16,14 +16,12 @@ import pytest
 import yaml
 
 import loire.schedule
-from flows.demo import drop_corpus
-from flows.landing import list_arrivals
 from flows.settings import PipelineSettings, load_settings, resolve_schedule
 from flows.stage import lifelong_stage
 from flows.tracking import Tracker
 from loire.schedule import Schedule, schedule_preset
-from loire.synthetic import generate
 from loire.train import TrainingDiverged
+from tests.flows.pipeline_harness import arrive, local_world
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
@@ -43,22 +41,7 @@ def diverging_schedule() -> Schedule:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("numerical")
-    data = generate(root / "data", documents=120, task_examples=12)
-    settings = PipelineSettings(
-        work_dir=str(root / "work"),
-        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
-        schedule="gpt-micro",
-        steps=4,
-        device="cpu",
-        downstream_tasks="none",
-        max_ap_plus=None,
-    )
-    return {"root": root, "data": data, "landing": root / "landing", "settings": settings}
-
-
-def arrive(world: dict[str, Any], domain: str) -> dict[str, Any]:
-    drop_corpus(world["data"] / "corpora" / domain.lower(), world["landing"], domain)
-    return next(a for a in list_arrivals(str(world["landing"])) if a.domain == domain).to_params()
+    return local_world(root, documents=120, task_examples=12, steps=4, downstream_tasks="none", max_ap_plus=None)
 
 
 def flow_runs(name: str) -> list[Any]:
