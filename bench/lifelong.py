@@ -142,6 +142,11 @@ def targets(result: dict[str, Any]) -> dict[str, bool]:
             )
         if "fixed-large" in s:
             out[f"{label} FLOPs <= 0.7x fixed-large"] = s[name]["total_flops"] <= 0.7 * s["fixed-large"]["total_flops"]
+    matched = result.get("elle_same_replay")
+    if matched and "loire-er" in s:
+        out[f"LOIRE+ER (loire-er) last-stage AP below ELLE's at the same replay ratio ({matched['ap']:.1f})"] = (
+            s["loire-er"]["stages"][-1]["ap"] < matched["ap"]
+        )
     if result.get("distill_overhead"):
         out["distillation hot-loop overhead <= 1.3x"] = result["distill_overhead"]["hot_loop_ratio"] <= 1.3
     return out
@@ -179,6 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     if "loire" in ran:
         dirs = [work / "loire" / f"stage-{i + 1}-{d}" for i, d in enumerate(DOMAINS)]
         result["distill_overhead"] = distill_overhead(dirs, corpus_uri(args.data, "CS"))
+    ablation = out.with_name("lifelong_ablation.json")
+    if ablation.exists() and "elle-r50" in (variants := json.loads(ablation.read_text())["variants"]):
+        result["elle_same_replay"] = {"ap": variants["elle-r50"]["stages"][-1]["ap"], "source": ablation.name}
     result["targets"] = targets(result)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     out.write_text(render(result))
