@@ -28,25 +28,25 @@ if str(ROOT) not in sys.path:
 from bench.common import machine_facts  # noqa: E402
 from loire.lifelong import run_lifelong  # noqa: E402
 from loire.schedule import schedule_preset  # noqa: E402
-from loire.strategies import STRATEGIES, Strategy  # noqa: E402
+from loire.strategies import REPLAY_RATIO, STRATEGIES, Strategy  # noqa: E402
 
 DOMAINS = ["WB", "NEWS", "REV", "BIO", "CS"]
 # name -> (base strategy, replaced fields, what it tests)
 VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
-    "loire-er": ("loire-er", {}, "the default: replay 0.5, distillation / plug-in window 25 steps"),
+    "loire-er": ("loire-er", {}, "the default: distillation / plug-in window 25 steps"),
     "loire-er-w50": ("loire-er", {"distill_steps": 50}, "window 50"),
     "loire-er-nokd": ("loire-er", {"distill": "none"}, "no distillation (λ window still 25)"),
     "loire-er-r20": ("loire-er", {"replay_ratio": 0.2, "distill_steps": 50}, "replay 0.2, window 50 (earlier default)"),
     "loire-er-seed1": ("loire-er", {"seed": 1}, "the default with schedule seed 1: run-to-run spread"),
     "loire-er-nokd-seed1": ("loire-er", {"distill": "none", "seed": 1}, "no distillation, seed 1"),
-    "replay": ("replay", {}, "ER at the same ratio 0.5, M1 size"),
+    "replay": ("replay", {}, "ER at the same ratio, M1 size"),
     "replay-r20": ("replay", {"replay_ratio": 0.2}, "ER at 0.2"),
-    "elle-r50": ("elle", {"replay_ratio": 0.5}, "ELLE at the same ratio 0.5 (its scripts use 0.1)"),
-    "elle-r50-seed1": ("elle", {"replay_ratio": 0.5, "seed": 1}, "ELLE at 0.5, seed 1"),
+    "elle-r50": ("elle", {"replay_ratio": REPLAY_RATIO}, "ELLE at the same ratio (its scripts use 0.1)"),
+    "elle-r50-seed1": ("elle", {"replay_ratio": REPLAY_RATIO, "seed": 1}, "ELLE at the same ratio, seed 1"),
     "elle-r50-growth-only": (
         "elle",
-        {"replay_ratio": 0.5, "domain_prompts": False, "recover_fraction": 0.0},
-        "ELLE's expansion alone at ratio 0.5: no prompts, no recovery warmup (vs loire-er-nokd)",
+        {"replay_ratio": REPLAY_RATIO, "domain_prompts": False, "recover_fraction": 0.0},
+        "ELLE's expansion alone at the same ratio: no prompts, no recovery warmup (vs loire-er-nokd)",
     ),
 }
 
@@ -115,6 +115,14 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; allowed: {', '.join(VARIANTS)}")
 
+    out = Path(args.out)
+    kept: dict[str, Any] = {}
+    if args.keep and out.with_suffix(".json").exists():
+        previous = json.loads(out.with_suffix(".json").read_text())
+        if previous.get("steps") != args.steps:
+            raise SystemExit(f"--keep: {out.with_suffix('.json')} was run with --steps {previous.get('steps')}")
+        kept = previous["variants"]
+
     def spawn(name: str) -> dict[str, Any]:
         cmd = [sys.executable, __file__, "--worker", name, "--data", args.data, "--work", str(work)]
         cmd += ["--steps", str(args.steps)] if args.steps else []
@@ -125,8 +133,6 @@ def main(argv: list[str] | None = None) -> None:
     slow_first = sorted(names, key=lambda n: VARIANTS[n][0] != "elle")  # ELLE's runs take the longest
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         done = dict(zip(slow_first, pool.map(spawn, slow_first), strict=True))
-    out = Path(args.out)
-    kept = json.loads(out.with_suffix(".json").read_text())["variants"] if args.keep else {}
     summaries = {n: done.get(n) or kept[n] for n in VARIANTS if n in done or n in kept}
     result = {"machine": machine_facts(args.jobs), "jobs": args.jobs, "steps": args.steps, "variants": summaries}
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
