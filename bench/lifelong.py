@@ -1,196 +1,442 @@
-"""All strategies over the five real domains at gpt-tiny: the paper's AP / AP+ table, FLOPs and wall time.
+"""Every strategy over the five real domains, several seeds: AP / AP+ (mean ± std), FLOPs, plots.
 
-Usage: python bench/lifelong.py [--data ../shared/data] [--strategies loire,fixed-small,...] [--steps N]
-Writes bench/results/lifelong.md and .json (and one folder per strategy under --work).
-Also measures the distillation overhead at stage 5 (four teachers): the hot-loop step time with the
-cached teacher mixture against a plain step on the same model, interleaved, plus the one-off cost of
-building the cache.
+Usage:
+    python bench/lifelong.py --budget long --seeds 0,1,2 --jobs 2          # run what is missing, then report
+    python bench/lifelong.py --budget long --report                        # tables and plots from what exists
+    python bench/lifelong.py --budget short --strategies loire,replay --seeds 0 --steps 5   # a smoke run
+
+Budgets: `short` is the `gpt-tiny` schedule (200 + 4 x 150 steps per stage, 32 validation blocks per
+domain: what the tests and earlier results use); `long` is `gpt-tiny-long` (5x the steps, warmup and
+distillation window, about one epoch of each domain; 128 validation blocks of 64 tokens per domain).
+
+Each (strategy, seed) run is one worker process with one torch thread; `--jobs` of them run at once.
+A run writes `bench/results/lifelong/<budget>/runs/<strategy>/seed<k>.json` when it finishes, so an
+interrupted benchmark continues where it stopped (finished runs are never redone unless `--redo`).
+The report (`lifelong-<budget>.md`, `.json` with the per-seed rows, and PNGs beside it) is rebuilt
+from every run file present: mean ± std over seeds (pandas groupby), last-stage AP against total
+FLOPs with the Pareto front, the mean PPL_{t,i} matrix of each strategy as a heat map, and the
+operator ablation (exact vs zero vs random initialisation of the new parameters).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import statistics
+import os
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
 from bench.common import machine_facts  # noqa: E402
-from loire.data import encode_corpus, load_corpus  # noqa: E402
-from loire.distill import DistillConfig, build_teacher_cache, kd_loss  # noqa: E402
-from loire.io import load_model  # noqa: E402
-from loire.lifelong import corpus_uri, run_lifelong  # noqa: E402
-from loire.strategies import STRATEGIES  # noqa: E402
-from loire.tokenizer import load_tokenizer  # noqa: E402
-from loire.train import lm_loss  # noqa: E402
+from loire.lifelong import run_lifelong  # noqa: E402
+from loire.schedule import DOMAINS  # noqa: E402
+from loire.strategies import REPLAY_RATIO, STRATEGIES  # noqa: E402
 
-DOMAINS = ["WB", "NEWS", "REV", "BIO", "CS"]
-COMPARED = ["fixed-small", "token-kd", "replay", "elle"]  # LOIRE's last-stage AP should be the lowest of these
+RESULTS = ROOT / "bench" / "results"
+BUDGETS: dict[str, dict[str, Any]] = {
+    "short": {"schedule": "gpt-tiny", "eval_blocks": 32},
+    "long": {"schedule": "gpt-tiny-long", "eval_blocks": 128},
+}
+MAIN = ["loire", "loire-er", "fixed-small", "fixed-large", "retrain", "token-kd", "replay", "elle"]
+# Benchmark-only variants: (base strategy, replaced fields). `elle-er` is ELLE at the replay ratio that
+# `replay` and `loire-er` use, so growth + distillation is compared with ELLE at equal replay.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "elle-er": ("elle", {"replay_ratio": REPLAY_RATIO}),
+}
+ABLATION = ["loire", "loire-zero", "loire-random"]
+# The issue's comparison set for LOIRE's last-stage AP: every strategy except retrain.
+COMPARED = ["loire-er", "fixed-small", "fixed-large", "token-kd", "replay", "elle", "elle-er"]
 
 
-def distill_overhead(stage_dirs: list[Path], corpus: str, steps: int = 10) -> dict[str, float]:
-    """Step time with the cached 4-teacher mixture vs a plain step on the stage-5 model (interleaved)."""
-    student = load_model(stage_dirs[-1]).train()
-    teachers = [load_model(d) for d in stage_dirs[:-1]]
-    tok = load_tokenizer(stage_dirs[-1])
-    blocks = encode_corpus(list(load_corpus(corpus).train), tok, 64, max_tokens=16 * 64 * steps)[: 16 * steps]
-    batches = [blocks[i * 16 : (i + 1) * 16] for i in range(steps)]
+def strategy_for(name: str):
+    """The Strategy behind a benchmark name (registered in STRATEGIES so run_stage can look it up)."""
+    if name in VARIANTS:
+        base, fields = VARIANTS[name]
+        STRATEGIES[name] = dataclasses.replace(STRATEGIES[base], name=name, **fields)
+    if name not in STRATEGIES:
+        raise SystemExit(f"--strategies: unknown {name!r}; known: {', '.join([*STRATEGIES, *VARIANTS])}")
+    return STRATEGIES[name]
+
+
+def run_file(budget: str, strategy: str, seed: int) -> Path:
+    return RESULTS / "lifelong" / budget / "runs" / strategy / f"seed{seed}.json"
+
+
+def label(args: argparse.Namespace) -> str:
+    """Where a run's files go: the budget, or a separate smoke folder when --steps overrides it."""
+    return args.budget if args.steps is None else f"{args.budget}-steps{args.steps}"
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One (strategy, seed) run in this process, one thread; writes its run file last."""
+    torch.set_num_threads(1)
+    budget = BUDGETS[args.budget]
+    strat = strategy_for(args.strategy)
+    work = Path(args.work) / args.budget / args.strategy / f"seed{args.seed}"
+    started = time.time()
+    summary = run_lifelong(
+        args.data,
+        DOMAINS,
+        work,
+        strategy=args.strategy,
+        schedule=budget["schedule"],
+        steps=args.steps,
+        seed=args.seed,
+        max_eval_blocks=budget["eval_blocks"],
+        progress=False,
+    )
+    summary.update(
+        budget=args.budget,
+        steps_override=args.steps,
+        strategy_fields=dataclasses.asdict(strat),
+        machine=machine_facts(1),
+        started=started,
+        work=str(work),
+    )
+    out = run_file(label(args), args.strategy, args.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out)
+
+
+def launch(args: argparse.Namespace, strategy: str, seed: int) -> tuple[str, int, int, float]:
+    """Run one worker subprocess; its log goes beside the run file."""
+    log = run_file(label(args), strategy, seed).with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, __file__, "--worker", "--strategy", strategy, "--seed", str(seed)]
+    cmd += ["--budget", args.budget, "--data", args.data, "--work", args.work]
+    if args.steps is not None:
+        cmd += ["--steps", str(args.steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     started = time.perf_counter()
-    cache = build_teacher_cache(teachers, batches, DistillConfig(distill_steps=steps))
-    cache_s = time.perf_counter() - started
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
-
-    def step(i: int, distil: bool) -> float:
-        t0 = time.perf_counter()
-        logits = student(input_ids=batches[i]).logits
-        loss = lm_loss(logits, batches[i], True)
-        if distil:
-            loss = loss + kd_loss(logits, cache, i)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        return time.perf_counter() - t0
-
-    step(0, True)  # warm up
-    plain, distilled = [], []
-    for i in range(steps):
-        order = (False, True) if i % 2 == 0 else (True, False)
-        for distil in order:
-            (distilled if distil else plain).append(step(i, distil))
-    p, d = statistics.median(plain), statistics.median(distilled)
-    return {
-        "teachers": len(teachers),
-        "plain_step_s": p,
-        "distill_step_s": d,
-        "hot_loop_ratio": d / p,
-        "cache_build_s": cache_s,
-        "cache_build_per_step_s": cache_s / steps,
-        "amortized_ratio": (d + cache_s / steps) / p,
-        "cache_mb": cache.nbytes() / 1e6,
-    }
+    with log.open("w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False).returncode
+    wall = time.perf_counter() - started
+    print(f"{'done' if rc == 0 else f'FAILED rc={rc}'}: {strategy} seed {seed} in {wall:.0f} s (log {log})", flush=True)
+    return strategy, seed, rc, wall
 
 
-def render(result: dict[str, Any]) -> str:
-    lines = ["# Lifelong benchmark: all strategies over WB → NEWS → REV → BIO → CS (gpt-tiny, CPU)", ""]
-    m = result["machine"]
-    lines += [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}.", ""]
-    if result.get("machine_kept"):
-        k = result["machine_kept"]
-        lines += [f"Strategies not rerun on that date keep their results from {k['date']} (same machine type).", ""]
-    lines += [f"Steps per stage: {result['steps'] or 'schedule default'}; schedule preset `gpt-tiny`.", ""]
-    lines += [
-        "## Summary",
-        "",
-        "| strategy | AP (last stage) | AP+ per stage (2..5) | total FLOPs | FLOPs / fixed-large | wall s |",
+# ---------------------------------------------------------------------------------------------- report
+
+
+def load_runs(budget: str) -> list[dict[str, Any]]:
+    root = RESULTS / "lifelong" / budget / "runs"
+    return [json.loads(p.read_text()) for p in sorted(root.glob("*/seed*.json"))]
+
+
+def stage_frame(runs: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (strategy, seed, stage): AP, AP+, FLOPs, wall time and PPL per domain."""
+    rows = []
+    for run in runs:
+        for st in run["stages"]:
+            rows.append(
+                {
+                    "strategy": run["strategy"],
+                    "seed": run["seed"],
+                    "stage": st["stage"],
+                    "domain": st["domain"],
+                    "ap": st["ap"],
+                    "ap_plus": st["ap_plus"],
+                    "cumulative_flops": st["cumulative_flops"],
+                    "wall_s": st["wall_time_s"],
+                    "growth_diff": st["growth_max_abs_logit_diff"],
+                    **{f"ppl_{d}": st["ppl"].get(d) for d in DOMAINS},
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def summary_frame(stages: pd.DataFrame) -> pd.DataFrame:
+    """Per strategy: last-stage AP, total FLOPs, AP+ per stage, wall time; mean and std over seeds."""
+    last = stages[stages.stage == stages.stage.max()]
+    per_run = last.set_index(["strategy", "seed"])[["ap", "cumulative_flops"]]
+    per_run["wall_s"] = stages.groupby(["strategy", "seed"]).wall_s.sum()
+    per_run["max_ap_plus"] = stages.groupby(["strategy", "seed"]).ap_plus.max()
+    agg = per_run.groupby("strategy").agg(["mean", "std", "count"])
+    agg.columns = [f"{a}_{b}" for a, b in agg.columns]
+    ap_plus = stages.dropna(subset=["ap_plus"]).groupby(["strategy", "stage"]).ap_plus.agg(["mean", "std"])
+    agg["ap_plus"] = [
+        [(s, ap_plus.loc[(name, s), "mean"], ap_plus.loc[(name, s), "std"]) for s in sorted(stages.stage.unique())[1:]]
+        if (name, 2) in ap_plus.index
+        else []
+        for name in agg.index
     ]
-    lines += ["|---|---:|---|---:|---:|---:|"]
-    large = result["strategies"].get("fixed-large", {}).get("total_flops")
-    for name, s in result["strategies"].items():
-        ap_plus = ", ".join(f"{st['ap_plus']:.1f}" for st in s["stages"][1:])
-        ratio = f"{s['total_flops'] / large:.2f}" if large else "-"
-        last_ap, wall = s["stages"][-1]["ap"], s["total_wall_time_s"]
-        lines.append(f"| {name} | {last_ap:.1f} | {ap_plus} | {s['total_flops']:.3g} | {ratio} | {wall:.0f} |")
-    for name, s in result["strategies"].items():
-        lines += ["", f"## {name}: perplexity after each stage", ""]
-        lines += [
-            "| stage | " + " | ".join(DOMAINS) + " | AP | AP+ | growth max abs Δlogits |",
-            "|---" * (len(DOMAINS) + 4) + "|",
-        ]
-        for st in s["stages"]:
-            cells = [f"{st['ppl'][d]:.1f}" if d in st["ppl"] else "" for d in DOMAINS]
-            ap_plus = "-" if st["ap_plus"] is None else f"{st['ap_plus']:.1f}"
-            growth = "-" if st["growth_max_abs_logit_diff"] is None else f"{st['growth_max_abs_logit_diff']:.2g}"
-            lines.append(
-                f"| {st['stage']} {st['domain']} | " + " | ".join(cells) + f" | {st['ap']:.1f} | {ap_plus} | {growth} |"
-            )
-    if result.get("distill_overhead"):
-        o = result["distill_overhead"]
-        lines += ["", "## Distillation overhead at stage 5", ""]
-        lines += [
-            f"{o['teachers']} teachers: plain step {o['plain_step_s'] * 1e3:.0f} ms, with the cached mixture "
-            f"{o['distill_step_s'] * 1e3:.0f} ms → hot-loop ratio **{o['hot_loop_ratio']:.2f}×** (goal ≤ 1.3×). "
-            f"Building the cache once: {o['cache_build_s']:.1f} s ({o['cache_build_per_step_s'] * 1e3:.0f} ms per "
-            f"distilled step, {o['cache_mb']:.1f} MB); amortised ratio {o['amortized_ratio']:.2f}×."
-        ]
-    if "targets" in result:
-        lines += ["", "## Targets", ""] + [f"- {k}: {'met' if v else 'NOT met'}" for k, v in result["targets"].items()]
-    return "\n".join(lines) + "\n"
+    return agg.sort_values("ap_mean")
 
 
-def targets(result: dict[str, Any]) -> dict[str, bool]:
-    """The issue's targets, for LOIRE and for LOIRE with experience replay (`loire-er`) where present."""
-    s, out = result["strategies"], {}
-    for name in ("loire", "loire-er"):
-        if name not in s:
-            continue
-        label = "LOIRE" if name == "loire" else "LOIRE+ER (loire-er)"
-        out[f"{label} AP+ <= 0 at every stage"] = all(st["ap_plus"] <= 0 for st in s[name]["stages"][1:])
-        compared = [n for n in COMPARED if n in s]
-        if compared:
-            last_ap = s[name]["stages"][-1]["ap"]
-            out[f"{label} last-stage AP lowest among " + ", ".join(compared)] = last_ap < min(
-                s[n]["stages"][-1]["ap"] for n in compared
-            )
-        if "fixed-large" in s:
-            out[f"{label} FLOPs <= 0.7x fixed-large"] = s[name]["total_flops"] <= 0.7 * s["fixed-large"]["total_flops"]
-    matched = result.get("elle_same_replay")
-    if matched and "loire-er" in s:
-        out[f"LOIRE+ER (loire-er) last-stage AP below ELLE's at the same replay ratio ({matched['ap']:.1f})"] = (
-            s["loire-er"]["stages"][-1]["ap"] < matched["ap"]
+def pm(mean: float, std: float, fmt: str = ".1f") -> str:
+    return f"{mean:{fmt}}" if pd.isna(std) else f"{mean:{fmt}} ± {std:{fmt}}"
+
+
+def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names not dominated in (FLOPs, AP): no other point has both lower or equal, one strictly lower."""
+    front = []
+    for name, (f, a) in points.items():
+        if not any((f2 <= f and a2 <= a) and (f2 < f or a2 < a) for n2, (f2, a2) in points.items() if n2 != name):
+            front.append(name)
+    return sorted(front, key=lambda n: points[n][0])
+
+
+def plot_ap_flops(summary: pd.DataFrame, path: Path, title: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = {n: (r.cumulative_flops_mean, r.ap_mean) for n, r in summary.iterrows()}
+    front = pareto(points)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, r in summary.iterrows():
+        on = name in front
+        ax.errorbar(
+            r.cumulative_flops_mean,
+            r.ap_mean,
+            xerr=0 if pd.isna(r.cumulative_flops_std) else r.cumulative_flops_std,
+            yerr=0 if pd.isna(r.ap_std) else r.ap_std,
+            fmt="o" if on else "s",
+            capsize=4,
+            ms=8 if on else 6,
+            label=f"{name}{' (Pareto)' if on else ''}",
         )
-    if result.get("distill_overhead"):
-        out["distillation hot-loop overhead <= 1.3x"] = result["distill_overhead"]["hot_loop_ratio"] <= 1.3
+        ax.annotate(name, (r.cumulative_flops_mean, r.ap_mean), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    fx, fy = zip(*(points[n] for n in front), strict=True)
+    ax.step(fx, fy, where="post", color="black", lw=1, ls="--", label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("total training FLOPs over the five stages (incl. teacher passes)")
+    ax.set_ylabel("last-stage AP (mean PPL over the five domains; lower is better)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return front
+
+
+def plot_heatmaps(stages: pd.DataFrame, path: Path, order: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cols = [f"ppl_{d}" for d in DOMAINS]
+    mean = stages.groupby(["strategy", "stage"])[cols].mean()
+    n = len(order)
+    ncol = min(4, n)
+    nrow = (n + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.3 * nrow), squeeze=False)
+    values = np.log10(mean.to_numpy(dtype=float))
+    vmin, vmax = np.nanmin(values), np.nanmax(values)
+    for ax, name in zip(axes.flat, order, strict=False):
+        m = mean.loc[name].to_numpy(dtype=float)
+        im = ax.imshow(np.log10(m), cmap="viridis", vmin=vmin, vmax=vmax)
+        for (i, j), v in np.ndenumerate(m):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7, color="white")
+        ax.set_xticks(range(len(DOMAINS)), DOMAINS, fontsize=7)
+        ax.set_yticks(range(len(m)), [f"after {i + 1}" for i in range(len(m))], fontsize=7)
+        ax.set_title(name, fontsize=9)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, shrink=0.6, label="log10 PPL (validation)")
+    fig.suptitle("PPL_{t,i}: perplexity on domain i (column) after stage t (row), mean over seeds")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ablation(stages: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    present = [n for n in ABLATION if n in set(stages.strategy)]
+    g = stages[stages.strategy.isin(present)].groupby(["strategy", "stage"])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    width = 0.8 / max(1, len(present))
+    for k, name in enumerate(present):
+        ap = g.ap.agg(["mean", "std"]).loc[name]
+        plus = g.ap_plus.agg(["mean", "std"]).loc[name].dropna(subset=["mean"])
+        a1.bar(np.array(ap.index) + k * width, ap["mean"], width, yerr=ap["std"].fillna(0), capsize=3, label=name)
+        a2.bar(np.array(plus.index) + k * width, plus["mean"], width, yerr=plus["std"].fillna(0), capsize=3, label=name)
+    a1.set(title="AP per stage", xlabel="stage", ylabel="AP (lower is better)")
+    a2.set(title="AP+ per stage", xlabel="stage", ylabel="AP+ (≤ 0: no forgetting)")
+    a2.axhline(0, color="black", lw=0.8)
+    a1.legend(fontsize=8)
+    fig.suptitle("Are the function-preserving operators effective? exact vs zero vs random new parameters")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def targets(summary: pd.DataFrame) -> list[str]:
+    """The issue's targets for `loire`, with the seed spread said beside each comparison."""
+    if "loire" not in summary.index:
+        return []
+    out, me = [], summary.loc["loire"]
+    plus = [(s, m, sd) for s, m, sd in me.ap_plus]
+    ok = all(m <= 0 for _, m, _ in plus)
+    out.append(
+        f"`loire` AP+ ≤ 0 at every stage: {'met' if ok else 'NOT met'} ("
+        + ", ".join(f"stage {s}: {pm(m, sd)}" for s, m, sd in plus)
+        + ")"
+    )
+    for other in [n for n in COMPARED if n in summary.index]:
+        o = summary.loc[other]
+        diff = o.ap_mean - me.ap_mean
+        spread = (0 if pd.isna(me.ap_std) else me.ap_std) + (0 if pd.isna(o.ap_std) else o.ap_std)
+        verdict = "NOT lower" if diff <= 0 else "lower, " + ("beyond" if diff > spread else "within") + " the spread"
+        out.append(
+            f"`loire` last-stage AP {pm(me.ap_mean, me.ap_std)} vs `{other}` {pm(o.ap_mean, o.ap_std)}: "
+            f"{verdict} (difference {diff:+.1f}, summed std {spread:.1f})"
+        )
+    if "fixed-large" in summary.index:
+        ratio = me.cumulative_flops_mean / summary.loc["fixed-large"].cumulative_flops_mean
+        out.append(f"`loire` total FLOPs {ratio:.2f}x `fixed-large`: {'met' if ratio <= 0.65 else 'NOT met'} (≤ 0.65x)")
+    if "retrain" in summary.index:
+        r = summary.loc["retrain"]
+        gap = me.ap_mean / r.ap_mean - 1
+        ratio = me.cumulative_flops_mean / r.cumulative_flops_mean
+        met = gap <= 0.05 and ratio <= 0.35
+        out.append(
+            f"stretch: AP within 5% of `retrain` at ≤ 0.35x its FLOPs: {'met' if met else 'NOT met'} "
+            f"(AP {gap:+.1%} vs retrain, FLOPs {ratio:.2f}x)"
+        )
     return out
 
 
+def render(budget: str, stages: pd.DataFrame, summary: pd.DataFrame, runs: list[dict[str, Any]], front: list[str]):
+    m = runs[0]["machine"]
+    sched = BUDGETS[budget.split("-steps")[0]]
+    lines = [
+        f"# Lifelong benchmark, `{budget}` budget: WB → NEWS → REV → BIO → CS (gpt-tiny ladder, CPU)",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, one torch thread per run (two runs at a time), "
+        f"torch {m['torch']}. Schedule `{sched['schedule']}`, {sched['eval_blocks']} validation blocks of 64 "
+        "tokens per domain. Every number is the mean ± std over the seeds run (n = seeds); FLOPs include "
+        "teacher forward passes. Run files: `lifelong/" + budget + "/runs/<strategy>/seed<k>.json`.",
+        "",
+        "![AP vs FLOPs](lifelong-" + budget + "-ap-flops.png)",
+        "",
+        "## Summary (sorted by last-stage AP)",
+        "",
+        "| strategy | n | last-stage AP | AP+ per stage (2..5) | max AP+ | total FLOPs | FLOPs / fixed-large "
+        "| wall s |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    large = summary.cumulative_flops_mean.get("fixed-large")
+    for name, r in summary.iterrows():
+        plus = ", ".join(pm(mu, sd) for _, mu, sd in r.ap_plus)
+        ratio = f"{r.cumulative_flops_mean / large:.2f}" if large else "-"
+        mark = " ★" if name in front else ""
+        lines.append(
+            f"| {name}{mark} | {int(r.ap_count)} | {pm(r.ap_mean, r.ap_std)} | {plus} | "
+            f"{pm(r.max_ap_plus_mean, r.max_ap_plus_std)} | {r.cumulative_flops_mean:.3g} | {ratio} | "
+            f"{r.wall_s_mean:.0f} |"
+        )
+    lines += ["", "★ on the Pareto front of (total FLOPs, last-stage AP).", ""]
+    t = targets(summary)
+    if t:
+        lines += ["## Targets (issue: make LOIRE win)", ""] + [f"- {x}" for x in t] + [""]
+    if set(ABLATION[1:]) & set(summary.index):
+        g = stages[stages.strategy.isin(ABLATION)].groupby(["strategy", "stage"])
+        ap, plus, diff = g.ap.agg(["mean", "std"]), g.ap_plus.agg(["mean", "std"]), g.growth_diff.mean()
+        lines += [
+            "## Operator ablation: exact vs zero vs random initialisation of the new parameters",
+            "",
+            "![ablation](lifelong-" + budget + "-ablation.png)",
+            "",
+            "| strategy | stage | AP | AP+ | max abs Δlogits at growth |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name in [n for n in ABLATION if n in summary.index]:
+            for stage in sorted(stages.stage.unique()):
+                a, p = ap.loc[(name, stage)], plus.loc[(name, stage)]
+                d = diff.loc[(name, stage)]
+                lines.append(
+                    f"| {name} | {stage} | {pm(a['mean'], a['std'])} | "
+                    f"{'-' if pd.isna(p['mean']) else pm(p['mean'], p['std'])} | {'-' if pd.isna(d) else f'{d:.2g}'} |"
+                )
+        lines.append("")
+    lines += ["## Perplexity matrices (mean over seeds)", "", "![heat maps](lifelong-" + budget + "-ppl.png)", ""]
+    mean = stages.groupby(["strategy", "stage"])[[f"ppl_{d}" for d in DOMAINS]].agg(["mean", "std"])
+    for name in summary.index:
+        lines += [f"### {name}", "", "| after stage | " + " | ".join(DOMAINS) + " |", "|---" * 6 + "|"]
+        for stage, row in mean.loc[name].iterrows():
+            cells = [
+                "" if pd.isna(row[(f"ppl_{d}", "mean")]) else pm(row[(f"ppl_{d}", "mean")], row[(f"ppl_{d}", "std")])
+                for d in DOMAINS
+            ]
+            lines.append(f"| {stage} {DOMAINS[stage - 1]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def report(budget: str) -> str | None:
+    runs = load_runs(budget)
+    if not runs:
+        print(f"no finished runs for budget {budget!r} yet")
+        return None
+    stages = stage_frame(runs)
+    summary = summary_frame(stages)
+    base = RESULTS / f"lifelong-{budget}"
+    front = plot_ap_flops(summary, base.with_name(base.name + "-ap-flops.png"), f"Lifelong ({budget} budget)")
+    plot_heatmaps(stages, base.with_name(base.name + "-ppl.png"), list(summary.index))
+    if set(ABLATION[1:]) & set(summary.index):
+        plot_ablation(stages, base.with_name(base.name + "-ablation.png"))
+    text = render(budget, stages, summary, runs, front)
+    base.with_suffix(".md").write_text(text)
+    records = stages.to_dict(orient="records")
+    base.with_suffix(".json").write_text(json.dumps({"budget": budget, "rows": records}, indent=1, default=float))
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--strategies", default=",".join(STRATEGIES))
-    parser.add_argument("--steps", type=int, default=None, help="override every stage's steps")
-    parser.add_argument("--work", default=None, help="where stage folders go (default: a temporary folder)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "lifelong.md"))
-    parser.add_argument(
-        "--keep", action="store_true", help="keep the other strategies' results already in the output JSON"
-    )
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="long")
+    parser.add_argument("--strategies", default=",".join([*MAIN, "elle-er", *ABLATION[1:]]))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=None, help="override every stage's steps (smoke runs)")
+    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "loire-bench"))
+    parser.add_argument("--redo", action="store_true", help="rerun runs whose result file exists")
+    parser.add_argument("--report", action="store_true", help="only rebuild the report from existing runs")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--strategy", help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
-    work = Path(args.work or tempfile.mkdtemp(prefix="loire-lifelong-"))
-    result: dict[str, Any] = {"machine": machine_facts(torch.get_num_threads()), "steps": args.steps, "strategies": {}}
-    out = Path(args.out)
-    if args.keep and out.with_suffix(".json").exists():
-        kept = json.loads(out.with_suffix(".json").read_text())
-        if kept.get("steps") != args.steps:
-            raise SystemExit(f"--keep: {out.with_suffix('.json')} was run with --steps {kept.get('steps')}")
-        result["strategies"] = kept["strategies"]
-        result["distill_overhead"] = kept.get("distill_overhead")
-        result["machine_kept"] = kept.get("machine")
-    for name in args.strategies.split(","):
-        print(f"== {name}", flush=True)
-        summary = run_lifelong(args.data, DOMAINS, work / name, strategy=name, steps=args.steps, progress=False)
-        result["strategies"][name] = summary
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-        out.write_text(render(result))
-    ran = args.strategies.split(",")
-    if "loire" in ran:
-        dirs = [work / "loire" / f"stage-{i + 1}-{d}" for i, d in enumerate(DOMAINS)]
-        result["distill_overhead"] = distill_overhead(dirs, corpus_uri(args.data, "CS"))
-    ablation = out.with_name("lifelong_ablation.json")
-    if ablation.exists() and "elle-r50" in (variants := json.loads(ablation.read_text())["variants"]):
-        result["elle_same_replay"] = {"ap": variants["elle-r50"]["stages"][-1]["ap"], "source": ablation.name}
-    result["targets"] = targets(result)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.write_text(render(result))
-    print(render(result))
+    if args.worker:
+        return worker(args)
+    if not args.report:
+        names = args.strategies.split(",")
+        for name in names:
+            strategy_for(name)
+        seeds = [int(s) for s in args.seeds.split(",")]
+        todo = [
+            (n, s) for s in seeds for n in names if args.redo or not run_file(label(args), n, s).exists()
+        ]  # seed-major: every strategy's first seed before any second seed
+        print(f"{len(todo)} run(s) to do with {args.jobs} at a time: {todo}", flush=True)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for _ in pool.map(lambda job: launch(args, *job), todo):
+                report(label(args))
+    text = report(label(args))
+    if text:
+        print(text)
 
 
 if __name__ == "__main__":

@@ -115,8 +115,10 @@ def import_hf(
     import transformers
 
     from loire.convert import from_hf
-    from loire.io import save_model_atomic
+    from loire.io import check_destination, check_hf_folder, save_model_atomic
 
+    check_hf_folder(src)
+    check_destination(src, dst)
     config = transformers.AutoConfig.from_pretrained(src)
     names = config.architectures or []
     if not names or not hasattr(transformers, names[0]):
@@ -143,10 +145,9 @@ def grow(
 ) -> None:
     """Grow a model function-preservingly and report the measured max |Δlogits|."""
     from loire.grow import grow as grow_model
-    from loire.io import load_model, save_model_atomic
+    from loire.io import check_destination, load_model, save_model_atomic
 
-    if src.resolve() == dst.resolve():
-        raise ValueError("DST must differ from SRC: the source model is never overwritten")
+    check_destination(src, dst)
     model = load_model(src)
     grown = grow_model(model, hidden=hidden, ffn=ffn, heads=heads, layers=layers, seed=seed)
     diff, scale = max_logit_diff(model, grown)

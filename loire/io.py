@@ -82,6 +82,45 @@ def copy_tokenizer(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> 
     return copied
 
 
+def is_model_folder(path: Path) -> bool:
+    """A folder holding a Loire model (its config.json names model_type "loire")."""
+    import json
+
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == LoireConfig.model_type
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_destination(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Refuse a destination whose replacement would delete the source or anything that is not a model.
+
+    `dst` is replaced as a whole, so it may not equal or contain `src`, and an existing `dst` must be
+    empty or a Loire model folder (a previous output), never a folder of other files.
+    """
+    source, target = Path(src).resolve(), Path(dst).resolve()
+    if target == source or target in source.parents:
+        raise ValueError(f"{dst}: the destination equals or contains the source {src}; choose another folder")
+    if target.is_file():
+        raise ValueError(f"{dst}: is a file, not a folder; refusing to replace it")
+    if target.is_dir() and any(target.iterdir()) and not is_model_folder(target):
+        raise ValueError(f"{dst}: exists and is not a Loire model folder; refusing to replace what it holds")
+
+
+def check_hf_folder(src: str | os.PathLike[str]) -> None:
+    """A local Hugging Face checkpoint folder with safetensors weights, checked before transformers reads it."""
+    folder = Path(src)
+    if not folder.exists():
+        raise ValueError(f"{src}: no such folder")
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise ValueError(f"{src}: not a Hugging Face model folder (no config.json)")
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise ValueError(f"{src}: no .safetensors weights (pickle checkpoints are refused)")
+    for path in weights:
+        _check_safetensors(path)
+
+
 def save_model_atomic(
     model: LoirePreTrainedModel, dst: str | os.PathLike[str], tokenizer_from: str | None = None
 ) -> Path:

@@ -10,6 +10,7 @@ is replaced only by a complete new one and left untouched on any failure.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from loire.io import load_model, publish_dir
 from loire.metrics import average_increased_perplexity, average_perplexity, max_abs_logit_diff, perplexity
 from loire.model import LoireForCausalLM, LoireForMaskedLM, LoirePreTrainedModel, num_parameters
 from loire.schedule import Schedule, StageSpec, schedule_preset
-from loire.strategies import Strategy, elle_expand, get_strategy
+from loire.strategies import Strategy, elle_expand, get_strategy, naive_expand
 from loire.tokenizer import DOMAIN_TOKENS, load_tokenizer, train_tokenizer
 from loire.train import OnLog, TrainConfig, train
 
@@ -92,6 +93,25 @@ def _blocks(corpus: Corpus, split: str, tokenizer, spec: StageSpec, max_tokens: 
         raise ValueError(
             f"{corpus.uri}: the {split} split is too small for one block of {spec.block_size} tokens ({exc})"
         ) from None
+
+
+def teacher_betas(beta: Sequence[float] | None, earlier: int, chosen: Sequence[int]) -> tuple[float, ...] | None:
+    """The distillation weight of each teacher used, from the stage spec's β (one per earlier stage).
+
+    Explicit rule: the schedule's total teacher weight Σβ is kept and split over the teachers actually
+    used in proportion to their stages' β (token-kd distils from the previous stage only, so its one
+    teacher gets the whole Σβ). A stage past the schedule's end reuses the last spec, whose β has fewer
+    entries than there are earlier stages: Σβ is then split uniformly. None (uniform 1/n) stays None.
+    """
+    if beta is None or not chosen:
+        return None
+    total = float(sum(beta))
+    if len(beta) == earlier:
+        picked = [float(beta[j]) for j in chosen]
+        scale = total / sum(picked) if sum(picked) > 0 else 0.0
+        return tuple(b * scale for b in picked)
+    logger.info("β has %d weight(s) for %d earlier stages: Σβ = %g split uniformly", len(beta), earlier, total)
+    return (total / len(chosen),) * len(chosen)
 
 
 def _with_prompt(blocks: torch.Tensor, token_id: int) -> torch.Tensor:
@@ -180,11 +200,12 @@ def run_stage(
         if targets:
             probe = train_blocks[:2, : min(32, spec.block_size)]
             if strat.growth == "exact":
-                model = grow(previous, **targets, seed=seed)
-                growth_diff = max_abs_logit_diff(previous, model, probe)
-            else:
+                model = grow(previous, **targets, seed=seed, init=strat.growth_init)
+            elif strat.growth == "elle":
                 model = elle_expand(previous, **targets, seed=seed)
-                growth_diff = max_abs_logit_diff(previous, model, probe)
+            else:
+                model = naive_expand(previous, strat.growth, **targets, seed=seed)
+            growth_diff = max_abs_logit_diff(previous, model, probe)
             logger.info("stage %d: grew %s, max |Δlogits| %.3g", t, targets, growth_diff)
 
     # 3. data of earlier domains: replay memory, retraining, ELLE's recovery warmup, evaluation
@@ -212,15 +233,19 @@ def run_stage(
 
     # 4. teachers for distillation, over the schedule's window (or the strategy's shorter one)
     window = spec.distill_steps if strat.distill_steps is None else min(spec.distill_steps, strat.distill_steps)
+    if strat.distill_fraction is not None:
+        window = min(window, max(1, round(strat.distill_fraction * stage_steps)))
     teacher_models: list[LoirePreTrainedModel] = []
+    chosen: list[int] = []
     if strat.distill != "none" and lineage:
         dirs = list(teachers) if teachers is not None else [entry["model_dir"] for entry in lineage]
+        chosen = list(range(len(dirs)))
         if strat.distill == "previous":
-            dirs = dirs[-1:]
+            dirs, chosen = dirs[-1:], chosen[-1:]
         teacher_models = [load_model(d) for d in dirs]
     distill = None
     if teacher_models:
-        betas = spec.beta if (spec.beta is not None and len(spec.beta) == len(teacher_models)) else None
+        betas = teacher_betas(spec.beta, len(lineage), chosen)
         distill = DistillConfig(distill_steps=min(window, stage_steps), betas=betas, temperature=spec.temperature)
 
     ckpt_dir = checkpoint_dir(out)
@@ -300,7 +325,12 @@ def run_stage(
             *lineage,
             {"stage": t, "domain": domain, "model_dir": str(out.resolve()), "corpus_uri": source_uri or corpus},
         ],
-        "growth": {"targets": targets, "operator": strat.growth, "max_abs_logit_diff": growth_diff},
+        "growth": {
+            "targets": targets,
+            "operator": strat.growth,
+            "init": strat.growth_init,
+            "max_abs_logit_diff": growth_diff,
+        },
         "dims": {
             "hidden_size": model.config.hidden_size,
             "intermediate_size": model.config.intermediate_size,
@@ -308,7 +338,13 @@ def run_stage(
             "num_hidden_layers": model.config.num_hidden_layers,
             "parameters": num_parameters(model),
         },
-        "distill": None if distill is None else {**asdict(distill), "teachers": len(teacher_models)},
+        "distill": None
+        if distill is None
+        else {
+            **asdict(distill),
+            "teachers": len(teacher_models),
+            "betas_used": list(distill.resolved_betas(len(teacher_models))),
+        },
         "ppl": ppl,
         "ppl_matrix": matrix_rows,
         "ap": ap,
@@ -379,12 +415,22 @@ def run_lifelong(
     schedule: Schedule | str = "gpt-tiny",
     steps: int | None = None,
     device: str = "auto",
+    seed: int | None = None,
+    max_eval_blocks: int = 32,
     on_log: OnLog | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """All stages of one strategy over `domains`; writes `lifelong.json` and `ppl.png` to `out_dir`."""
+    """All stages of one strategy over `domains`; writes `lifelong.json` and `ppl.png` to `out_dir`.
+
+    `seed` (default: the schedule's) replaces the schedule's seed, which seeds the start model, growth,
+    data order and replay draws; `max_eval_blocks` caps each domain's validation blocks.
+    """
     if not domains:
         raise ValueError("domains: at least one domain is needed")
+    if isinstance(schedule, str):
+        schedule = schedule_preset(schedule)
+    if seed is not None:
+        schedule = dataclasses.replace(schedule, seed=seed)
     out = Path(out_dir)
     uris = {d: corpus_uri(corpora, d) for d in domains}  # fail early on a missing domain
     parent: Path | None = None
@@ -400,6 +446,7 @@ def run_lifelong(
             strategy=strategy,
             steps=steps,
             device=device,
+            max_eval_blocks=max_eval_blocks,
             on_log=on_log,
             progress=progress,
         )
@@ -420,6 +467,7 @@ def run_lifelong(
         parent = stage_dir
     summary = {
         "strategy": strategy,
+        "seed": schedule.seed,
         "domains": list(domains),
         "stages": stages,
         "total_flops": stages[-1]["cumulative_flops"],

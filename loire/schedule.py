@@ -449,6 +449,27 @@ def _tiny_ladder(preset_name: str) -> Schedule:
     )
 
 
+# The `long` benchmark budget: gpt-tiny's ladder at 5x the steps (and warmup, and window), with a token
+# budget large enough that a stage sees about one epoch of its domain instead of three passes over 262k
+# tokens (750 steps x 16 x 64 = 768k tokens).
+_LONG_FACTOR = 5
+
+
+def _tiny_long_ladder() -> Schedule:
+    return _ladder(
+        "gpt-tiny",
+        _TINY_START,
+        _TINY_GROWTH,
+        tuple(n * _LONG_FACTOR for n in (200, 150, 150, 150, 150)),
+        tuple(w * _LONG_FACTOR for w in (20, 10, 10, 10, 10)),
+        150 * _LONG_FACTOR,
+        4096,
+        later_lr=1e-3,
+        beta_total=4.0,
+        **{**_TINY_STAGE, "max_train_tokens": 1_048_576},
+    )
+
+
 _MICRO_START = dict(
     hidden_size=32,
     intermediate_size=128,
@@ -464,6 +485,8 @@ SCHEDULES: dict[str, Schedule] = {
     # Later stages: lr 1e-3 and distillation over the whole stage with a total teacher weight of 4
     # (tuned on WB → NEWS: AP+ 534 with a 50-step window at weight 1, 157 with these settings).
     "gpt-tiny": _tiny_ladder("gpt-tiny"),
+    # The `long` benchmark budget (bench/lifelong.py --budget long): 1000 + 4 x 750 steps.
+    "gpt-tiny-long": _tiny_long_ladder(),
     "bert-tiny": _tiny_ladder("bert-tiny"),
     # CPU, seconds per stage: the same ladder at a quarter of the width, for `loire demo --quick` and tests.
     "gpt-micro": _ladder(

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loire.grow._surgery import Noise, cat, layer_key, new_config, parsed_state, rebuild
+from loire.grow._surgery import Noise, cat, layer_key, new_config, parsed_state, rebuild, tied_keys
 from loire.grow.layers import spread_evenly
 from loire.model import LoirePreTrainedModel
 
@@ -53,13 +53,15 @@ from loire.model import LoirePreTrainedModel
 class Strategy:
     name: str
     size: str  # "schedule" (grow M1 → M5), "first" (M1 throughout) or "final" (M5 throughout)
-    growth: str  # "exact", "elle" or "none"
+    growth: str  # "exact", "elle", "zero", "random" (the paper's operator ablation) or "none"
     distill: str  # "all", "previous" or "none"
     replay_ratio: float = 0.0
     from_scratch: bool = False  # retrain on all data seen so far at every stage
     domain_prompts: bool = False
     recover_fraction: float = 0.0  # ELLE's function-recovering warmup, as a fraction of the stage's steps
     distill_steps: int | None = None  # cap on the schedule's distillation / plug-in window (None: the schedule's)
+    distill_fraction: float | None = None  # cap on the window as a share of the stage's steps (None: no cap)
+    growth_init: str = "pad"  # exact growth: how width operators fill new units ("pad" or "split", loire.grow)
 
 
 # ER's share of every batch drawn from memory: a memory batch as large as the new one (Chaudhry et al.,
@@ -76,6 +78,10 @@ STRATEGIES: dict[str, Strategy] = {
     "retrain": Strategy("retrain", size="final", growth="none", distill="none", from_scratch=True),
     "token-kd": Strategy("token-kd", size="first", growth="none", distill="previous"),
     "replay": Strategy("replay", size="first", growth="none", distill="none", replay_ratio=REPLAY_RATIO),
+    # The paper's operator ablation ("are our function-preserving operators effective?"): `loire` with
+    # the new parameters zero / random instead of the exact operators.
+    "loire-zero": Strategy("loire-zero", size="schedule", growth="zero", distill="all"),
+    "loire-random": Strategy("loire-random", size="schedule", growth="random", distill="all"),
     "elle": Strategy(
         "elle",
         size="schedule",
@@ -191,3 +197,61 @@ def _duplicate_layers(model: LoirePreTrainedModel, num_layers: int) -> LoirePreT
             if p.layer == source:
                 state[layer_key(model, new_index, p.local)] = t.detach().clone()
     return rebuild(model, new_config(model, num_hidden_layers=num_layers), state)
+
+
+# Kinds that are normalisation gains: "new parameters" of the ablation's zero / random growth keep their
+# default initialisation 1 (a zero gain would kill a new layer's gradients, LLaMA Pro #28).
+_GAINS = ("norm_weight", "head_norm_weight")
+
+
+@torch.no_grad()
+def naive_expand(
+    model: LoirePreTrainedModel,
+    init: str,
+    *,
+    hidden: int | None = None,
+    ffn: int | None = None,
+    heads: int | None = None,
+    layers: int | None = None,
+    seed: int = 0,
+) -> LoirePreTrainedModel:
+    """The paper's operator ablation: grow to the same sizes, but *not* function preserving.
+
+    Every old tensor goes into the leading corner of its grown shape (new hidden dims, FFN units and
+    heads are appended; new layers are inserted after the same source layers as `grow_layers` uses);
+    every new entry is 0 (`init="zero"`) or a fresh random initialisation (`init="random"`, the model's
+    own `_init_weights`, seeded), norm gains of new dims and layers are 1 in both. Old norms are not
+    rescaled and there is no plug-in gate, so the output changes at the moment of growth.
+    """
+    if init not in ("zero", "random"):
+        raise ValueError(f"init={init!r}: choose 'zero' or 'random'")
+    config = model.config
+    if config.hidden_mask or config.plugin_layers:
+        raise ValueError("naive_expand needs a consolidated model without hidden mask or plug-in layers")
+    old_layers = config.num_hidden_layers
+    sources = spread_evenly(old_layers, (layers or old_layers) - old_layers)
+    position, new_index = 0, {}
+    for i in range(old_layers):  # old layer i's position; its copies' slots stay new
+        new_index[i] = position
+        position += 1 + sources.count(i)
+    changed = new_config(
+        model,
+        hidden_size=hidden or config.hidden_size,
+        intermediate_size=ffn or config.intermediate_size,
+        num_attention_heads=heads or config.num_attention_heads,
+        num_hidden_layers=layers or old_layers,
+    )
+    torch.manual_seed(seed)
+    fresh = type(model)(changed)
+    state = {k: v.detach().clone() for k, v in fresh.state_dict().items() if k not in tied_keys(fresh)}
+    if init == "zero":
+        for p, _ in parsed_state(fresh):
+            if p.kind not in _GAINS:
+                state[p.key].zero_()
+    for p, t in parsed_state(model):
+        key = p.key if p.layer is None else layer_key(model, new_index[p.layer], p.local)
+        target = state[key]
+        if target.dim() != t.dim() or any(n < o for n, o in zip(target.shape, t.shape, strict=True)):
+            raise RuntimeError(f"naive_expand: {p.key} {tuple(t.shape)} does not fit {key} {tuple(target.shape)}")
+        target[tuple(slice(0, n) for n in t.shape)] = t.detach()
+    return rebuild(model, changed, state)

@@ -80,3 +80,53 @@ def test_atomic_save_replaces_only_when_complete(tmp_path, monkeypatch) -> None:
         save_model_atomic(model, dst)
     assert (dst / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.parametrize("where", ["equal", "parent", "unrelated"])
+def test_grow_never_deletes_the_source_or_a_users_files(saved, tmp_path, where: str) -> None:
+    """DST equal to SRC, containing SRC, or holding other files is refused (exit 2, one line); nothing is lost."""
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    dst = {"equal": saved, "parent": tmp_path, "unrelated": other}[where]
+    before = sorted(p.name for p in dst.iterdir())
+    result = runner.invoke(app, ["grow", str(saved), str(dst), "--ffn", "40"])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) <= 2 and "Traceback" not in result.output
+    assert sorted(p.name for p in dst.iterdir()) == before
+    assert (saved / "config.json").is_file() and (other / "keep.txt").read_text() == "mine"
+
+
+def test_grow_replaces_an_earlier_model_folder(saved, tmp_path) -> None:
+    dst = tmp_path / "m2"
+    assert runner.invoke(app, ["grow", str(saved), str(dst), "--ffn", "40"]).exit_code == 0
+    result = runner.invoke(app, ["grow", str(saved), str(dst), "--ffn", "48"])
+    assert result.exit_code == 0, result.output
+    assert load_model(dst).config.intermediate_size == 48
+
+
+def test_grow_keeps_the_generation_config(saved, tmp_path) -> None:
+    model = load_model(saved)
+    model.generation_config.eos_token_id = 3
+    model.generation_config.max_new_tokens = 7
+    grown = loire.grow.grow(model, ffn=48)
+    assert (grown.generation_config.eos_token_id, grown.generation_config.max_new_tokens) == (3, 7)
+
+
+@pytest.mark.parametrize("case", ["missing", "pickle", "inside"])
+def test_import_hf_refuses_bad_input_in_one_line(tmp_path, case: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    src = tmp_path / "hf"
+    if case != "missing":
+        config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
+        transformers.GPT2LMHeadModel(config).save_pretrained(src)
+    if case == "pickle":
+        torch.save({"x": torch.zeros(2)}, src / "model.safetensors")  # a pickle under the safetensors name
+    dst = src if case == "inside" else tmp_path / "out"
+    result = runner.invoke(app, ["import-hf", str(src), str(dst)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 2
+    expected = {"missing": "no such folder", "pickle": "not a valid safetensors", "inside": "contains the source"}
+    assert expected[case] in " ".join(result.output.split())
+    if case == "inside":
+        assert (src / "model.safetensors").is_file()

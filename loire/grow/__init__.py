@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from loire.grow._surgery import owned_models
+from loire.grow._surgery import WIDTH_INITS, check_init, owned_models
 from loire.grow.ffn import grow_ffn
 from loire.grow.heads import grow_heads
 from loire.grow.hidden import grow_hidden
@@ -68,6 +68,7 @@ def grow(
     ffn: int | None = None,
     hidden: int | None = None,
     seed: int = 0,
+    init: str = "pad",
     **unknown: Any,
 ) -> LoirePreTrainedModel:
     """Grow `model` to the given totals in one call; the result computes exactly what `model` computes.
@@ -75,17 +76,29 @@ def grow(
     Targets are new totals (num_hidden_layers, num_attention_heads, intermediate_size, hidden_size);
     None or the current value leaves a dimension alone. Operators run hidden → ffn → heads → layers,
     each exact, so the composition is exact. `seed` seeds the random values of new parameters.
+    `init` chooses how the width operators fill new units: "pad" (new units contribute 0) or "split"
+    (new units duplicate old ones, with consumer weights shared through cancelling noise); both exact.
     """
+    check_init(init)
     targets = validate_targets(model, {"layers": layers, "heads": heads, "ffn": ffn, "hidden": hidden, **unknown})
     grown = model
     with owned_models() as owned:
         for offset, name in enumerate(OPERATORS):
             if name in targets:
-                grown = OPERATORS[name][0](grown, targets[name], seed=seed + offset)
+                grown = OPERATORS[name][0](grown, targets[name], seed=seed + offset, init=init)
                 owned.add(id(grown))  # an intermediate: the next operator may reuse its tensors
     if grown is model:  # nothing to grow: still return a new, independent model
         grown = grow_ffn(model, model.config.intermediate_size, seed=seed)
     return grown
 
 
-__all__ = ["OPERATORS", "grow", "grow_ffn", "grow_heads", "grow_hidden", "grow_layers", "validate_targets"]
+__all__ = [
+    "OPERATORS",
+    "WIDTH_INITS",
+    "grow",
+    "grow_ffn",
+    "grow_heads",
+    "grow_hidden",
+    "grow_layers",
+    "validate_targets",
+]

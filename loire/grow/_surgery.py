@@ -172,9 +172,58 @@ def rebuild(model: LoirePreTrainedModel, config: LoireConfig, state: dict[str, t
     if config.tie_word_embeddings:
         new.tie_weights()
     new.train(model.training)
+    if getattr(model, "generation_config", None) is not None and hasattr(new, "generation_config"):
+        new.generation_config = copy.deepcopy(model.generation_config)  # eos, max_new_tokens, … survive growth
     return new
 
 
 def new_config(model: LoirePreTrainedModel, **changes: object) -> LoireConfig:
     config = copy.deepcopy(model.config)
     return config.replace(**changes)
+
+
+# How a width operator fills new units: "pad" (new units that contribute exactly 0: zero consumer
+# columns, or mean / zero padding of the stream) or "split" (each new unit duplicates a source unit and
+# the group shares the source's consumer weights with a noise that cancels within the group).
+WIDTH_INITS: tuple[str, ...] = ("pad", "split")
+
+
+def check_init(init: str) -> None:
+    if init not in WIDTH_INITS:
+        raise ValueError(f"init={init!r}: allowed values are {', '.join(WIDTH_INITS)}")
+
+
+def split_members(old: int, new: int) -> torch.Tensor:
+    """Source unit of every unit after growth: 0..old-1 themselves, then the new units' sources.
+
+    New units duplicate sources spread evenly over the old units (each old unit at most once while
+    new - old <= old), so every group is as small as possible.
+    """
+    n = new - old
+    sources = [int((k + 0.5) * old / n) % old for k in range(n)] if n else []
+    return torch.cat([torch.arange(old), torch.tensor(sorted(sources), dtype=torch.long)])
+
+
+def copy_units(t: torch.Tensor, members: torch.Tensor, dim: int) -> torch.Tensor:
+    """Producer side of a split: every unit's weights copied from its source (identical outputs)."""
+    return t.detach().index_select(dim, members.to(t.device))
+
+
+def split_units(t: torch.Tensor, members: torch.Tensor, dim: int, noise: Noise) -> torch.Tensor:
+    """Consumer side of a split: each group shares its source's weights, w/m + z with Σ_group z = 0.
+
+    The members of a group carry identical values (copy_units), so the consumer sees
+    Σ_k (w/m + z_k)·a = w·a exactly, while the cancelling noise z makes the copies' weights, and so
+    their gradients, differ from the first step: the symmetry of plain duplication is broken.
+    """
+    t = t.detach()
+    members = members.to(t.device)
+    old = t.shape[dim]
+    counts = torch.bincount(members, minlength=old).to(t.dtype)
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    base = t.index_select(dim, members) / counts.index_select(0, members).view(shape)
+    z = noise(*base.shape, like=base)
+    group_sum = torch.zeros_like(t).index_add_(dim, members, z)
+    z = z - (group_sum / counts.view(shape)).index_select(dim, members)
+    return base + z

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
-from loire.grow._surgery import Noise, base_key, cat, keep, new_config, parsed_state, rebuild
+from loire.grow._surgery import (
+    Noise,
+    base_key,
+    cat,
+    check_init,
+    copy_units,
+    keep,
+    new_config,
+    parsed_state,
+    rebuild,
+    split_units,
+    tied_keys,
+)
 from loire.model import LoireForMaskedLM, LoirePreTrainedModel
+
+logger = logging.getLogger(__name__)
 
 # What the residual-stream writers put into the new dims, per layout.
 _MEAN, _ZERO, _FREE = "mean", "zero", "free"
@@ -21,7 +36,50 @@ def _needs_mask(model: LoirePreTrainedModel) -> bool:
     return config.norm_type == "layernorm" and isinstance(model, LoireForMaskedLM)
 
 
-def grow_hidden(model: LoirePreTrainedModel, hidden_size: int, *, seed: int = 0) -> LoirePreTrainedModel:
+def can_split_hidden(model: LoirePreTrainedModel, hidden_size: int) -> bool:
+    """Tiling the stream is exact for a pre-LN model without masks or an MLM head, at an integer ratio."""
+    c = model.config
+    return (
+        hidden_size % c.hidden_size == 0
+        and c.norm_position == "pre"
+        and not c.embedding_norm
+        and not _needs_mask(model)
+        and not isinstance(model, LoireForMaskedLM)
+    )
+
+
+def _split_hidden(model: LoirePreTrainedModel, hidden_size: int, seed: int) -> LoirePreTrainedModel:
+    """init="split": the stream is tiled k = h2/h1 times (see `grow_hidden`)."""
+    config = model.config
+    h1, h2 = config.hidden_size, hidden_size
+    k = h2 // h1
+    members = torch.arange(h2) % h1  # new dim j carries old dim j mod h1
+    noise = Noise(seed, config.initializer_range)
+    tied = bool(tied_keys(model))  # a head that reads the final norm through the token embeddings
+    state: dict[str, torch.Tensor] = {}
+    for p, t in parsed_state(model):
+        t = t.detach()
+        if p.kind == "embed":  # (rows, H): writers tile their columns
+            t = copy_units(t, members, 1)
+        elif p.kind in ("o_weight", "down_weight", "o_bias", "down_bias"):  # (H, in) / (H,): rows tiled
+            t = copy_units(t, members, 0)
+        elif p.kind in ("norm_weight", "norm_bias"):
+            t = copy_units(t, members, 0)
+            if tied and p.layer is None and p.local[0] == "norm":
+                t = t / k  # the tied head reads the final norm with undivided (tiled) embedding rows
+        elif p.kind in ("qkv_weight", "up_weight", "classifier_weight") or (p.kind == "output_embedding" and not tied):
+            t = split_units(t, members, 1, noise)  # (out, H): each group shares w/k + cancelling noise
+        elif p.kind in ("qkv_bias", "up_bias", "plugin_lambda", "classifier_bias"):
+            t = keep(model, t)
+        else:
+            raise AssertionError(f"grow_hidden(init='split') has no rule for {p.key} ({p.kind})")
+        state[p.key] = t
+    return rebuild(model, new_config(model, hidden_size=h2), state)
+
+
+def grow_hidden(
+    model: LoirePreTrainedModel, hidden_size: int, *, seed: int = 0, init: str = "pad"
+) -> LoirePreTrainedModel:
     """Widen the residual stream to `hidden_size`; h2 / h1 need not be an integer.
 
     Notation: r = h1/h2, s = √r. Every norm gets γ_old·s and ε·r (ε is shared in the config).
@@ -47,7 +105,21 @@ def grow_hidden(model: LoirePreTrainedModel, hidden_size: int, *, seed: int = 0)
     New parameters whose value does not matter are random (seeded by `seed`); β_new = 0 where it
     matters. Tied output embeddings follow the token embeddings; untied ones get random new columns,
     which read the exact zeros the final norm produces in the new dims.
+
+    init="split" (pre-LN causal models at an integer ratio k = h2/h1; otherwise "pad" is used and
+    logged): the stream is tiled, x* = [x, …, x]. Every writer tiles its output rows, so the tiling
+    holds after every block; mean and variance of the tiled vector equal those of x, so each norm
+    (LayerNorm or RMSNorm, same ε) outputs its tiled old output with γ, β tiled. Every reader splits
+    its input columns as w/k + z_c with Σ_c z_c = 0 (cancelling noise), so it computes w·y exactly.
+    A tied head reads the final norm through the tiled (undivided) embedding, so the final norm's
+    γ, β are divided by k instead. Unlike mean padding, the new dims start as copies of learned
+    features, and the cancelling noise gives them distinct gradients from the first step.
     """
+    check_init(init)
+    if init == "split":
+        if can_split_hidden(model, hidden_size):
+            return _split_hidden(model, hidden_size, seed)
+        logger.info("grow_hidden: init='split' needs a pre-LN causal model and an integer ratio; padding")
     config = model.config
     h1, h2 = config.hidden_size, hidden_size
     n, r = h2 - h1, h1 / h2

@@ -21,6 +21,7 @@ def grow_layers(
     *,
     sources: Sequence[int] | None = None,
     seed: int = 0,
+    init: str = "pad",
 ) -> LoirePreTrainedModel:
     """Insert a copy of each source layer right after its original, as a λ-gated plug-in layer.
 
@@ -33,8 +34,8 @@ def grow_layers(
     twice rather than a random block. λ follows `config.plugin_lambda_mode`: "scheduled" (default:
     the trainer ramps it linearly 1 → 0 over the warmup, as Masked Structural Growth ramps its layer
     mask) or "learned" (a parameter; its gradient ⟨g, H − Block(H)⟩ is nonzero from the first step).
-    `sources` lists the original layer of each copy (default: spread evenly); `seed` is unused
-    because copies are deterministic.
+    `sources` lists the original layer of each copy (default: spread evenly); `seed` and `init` (the
+    width operators' option) are unused because copies are deterministic.
     """
     old_layers = model.config.num_hidden_layers
     num_new = num_hidden_layers - old_layers
