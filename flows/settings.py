@@ -52,6 +52,13 @@ class PipelineSettings(BaseModel):
         "run_deployment of `train_deployment` on the GPU work pool.",
     )
     train_deployment: str = Field("train-stage/train-stage", description="flow-name/deployment-name.")
+    nproc: int | None = Field(
+        None,
+        ge=1,
+        description="Training processes of one stage (LOIRE_NPROC); above 1 the train flow runs `torchrun "
+        "--nproc_per_node=N` as a subprocess. Default: the number of visible CUDA devices, 1 on CPU.",
+    )
+    fsdp: bool = Field(False, description="Under torchrun: shard the model with FSDP instead of DDP (LOIRE_FSDP).")
     max_ap_plus: float | None = Field(
         500.0,
         description="Promotion gate: AP+ at or below this (None: no AP+ gate). In perplexity points, so it depends "

@@ -389,6 +389,8 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
                 strategy=cfg.strategy,
                 steps=cfg.steps,
                 device=cfg.device,
+                nproc=cfg.nproc,
+                fsdp=cfg.fsdp,
                 mlflow_run_id=run_id,
                 tracking_uri=cfg.resolved_tracking_uri(),
             ),

@@ -11,6 +11,13 @@ complete checkpoint; a retry after training finished finds the complete stage fo
 once. Retention: `run_stage` deletes the checkpoints once the stage folder is written, and a retry that
 finds the folder complete deletes any left behind by a process killed in between.
 
+Several processes: with more than one (`nproc`, LOIRE_NPROC; default the visible CUDA devices, 1 on
+CPU) the training runs under `torchrun --nproc_per_node=N` as a subprocess of this flow run
+(`loire.launch.launch_stage`): still one Prefect run, its output in the run's logs, rank 0's metrics
+replayed into MLflow and the progress artifact as they come, and a rank that raises or dies fails the
+run with `DistributedTrainingError` naming the rank and the cause (complete checkpoints stay, so a
+retry resumes). `fsdp` shards the model with FSDP instead of replicating it with DDP.
+
 Metrics reach MLflow through a `MetricBuffer` that never blocks training; what it could not send while
 the tracking server was away is flushed (with the tracker's retry budget) when training ends.
 """
@@ -27,6 +34,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.settings import resolve_schedule
+from loire.launch import launch_stage, visible_devices
 from loire.lifelong import STAGE_FILE, checkpoint_dir, read_stage, run_stage
 from loire.train import TrainingDiverged
 
@@ -112,6 +120,8 @@ def train_stage(
     device: str = "auto",
     mlflow_run_id: str | None = None,
     tracking_uri: str | None = None,
+    nproc: int | None = None,
+    fsdp: bool = False,
 ) -> dict[str, Any]:
     """Grow the parent by the schedule, train on the corpus (with distillation), write the stage folder."""
     logger = get_run_logger()
@@ -128,37 +138,53 @@ def train_stage(
         "training stage %d (%s) from %s, %d steps, strategy %s", stage_index, domain, parent_dir, total, strategy
     )
     metrics = _tracker_callback(mlflow_run_id, tracking_uri)
+    workers = nproc or visible_devices(device)
+    stage_args: dict[str, Any] = dict(
+        parent=parent_dir,
+        strategy=strategy,
+        steps=steps,
+        resume=True,  # a retried run continues from the last complete checkpoint, if any
+        teachers=teacher_dirs,
+        corpus_etag=etag,
+        source_uri=source_uri,
+        earlier_corpora=earlier_corpora,
+        device=device,
+        fsdp=fsdp,
+    )
     try:
-        result = run_stage(
-            domain,
-            corpus_dir,
-            out,
-            parent=parent_dir,
-            schedule=sched,
-            strategy=strategy,
-            steps=steps,
-            resume=True,  # a retried run continues from the last complete checkpoint, if any
-            teachers=teacher_dirs,
-            corpus_etag=etag,
-            source_uri=source_uri,
-            earlier_corpora=earlier_corpora,
-            device=device,
-            on_log=_chain(metrics, _progress_reporter(total)),
-            progress=False,
-        )
+        if workers > 1:
+            logger.info("training under torchrun: %d processes%s", workers, " (FSDP)" if fsdp else " (DDP)")
+            launch_stage(
+                dict(domain=domain, corpus=corpus_dir, out_dir=str(out), schedule=schedule, **stage_args),
+                nproc=workers,
+                on_log=_chain(metrics, _progress_reporter(total)),
+                on_output=logger.info,
+            )
+            record = read_stage(out)
+        else:
+            result = run_stage(
+                domain,
+                corpus_dir,
+                out,
+                schedule=sched,
+                on_log=_chain(metrics, _progress_reporter(total)),
+                progress=False,
+                **stage_args,
+            )
+            record = result.record
     except TrainingDiverged:
         # Diverged checkpoints must not be resumed: a retry with sane settings trains afresh.
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
         raise
     finally:
         _flush(metrics)
-    if result.record["train"]["resumed_from"] is not None:
-        logger.info("resumed from checkpoint step %s", result.record["train"]["resumed_from"])
+    if record["train"]["resumed_from"] is not None:
+        logger.info("resumed from checkpoint step %s", record["train"]["resumed_from"])
     logger.info(
         "stage %d done: AP %.2f, AP+ %s, max|Δlogits| %s",
-        result.stage,
-        result.ap,
-        result.ap_plus,
-        result.growth_max_abs_logit_diff,
+        record["stage"],
+        record["ap"],
+        record["ap_plus"],
+        record["growth"]["max_abs_logit_diff"],
     )
-    return stage_summary(result.record, out_dir)
+    return stage_summary(record, out_dir)

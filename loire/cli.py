@@ -192,22 +192,32 @@ def train_stage(
     steps: Annotated[int | None, typer.Option(help="Override the stage's optimizer steps.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last complete checkpoint.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    fsdp: Annotated[bool, typer.Option(help="Under torchrun: shard the model with FSDP instead of DDP.")] = False,
 ) -> None:
-    """Grow the parent by the schedule, train on the new corpus, evaluate every seen domain."""
+    """Grow the parent by the schedule, train on the new corpus, evaluate every seen domain.
+
+    Runs as is under `torchrun --nproc_per_node=N` (rank 0 writes the folder and prints)."""
+    from loire import distributed
     from loire.lifelong import run_stage
 
-    result = run_stage(
-        domain,
-        corpus,
-        out,
-        parent=parent,
-        schedule=_schedule(preset, schedule),
-        strategy=strategy,
-        steps=steps,
-        resume=resume,
-        device=device,
-        on_log=_log_to_console,
-    )
+    try:
+        result = run_stage(
+            domain,
+            corpus,
+            out,
+            parent=parent,
+            schedule=_schedule(preset, schedule),
+            strategy=strategy,
+            steps=steps,
+            resume=resume,
+            device=device,
+            on_log=_log_to_console,
+            fsdp=fsdp,
+        )
+    finally:
+        distributed.destroy()
+    if not distributed.is_main():
+        return
     table = Table(title=f"stage {result.stage} ({domain}, {result.strategy}) → {out}")
     for column in (*result.ppl, "AP", "AP+", "max |Δlogits| at growth", "FLOPs", "wall s"):
         table.add_column(column)

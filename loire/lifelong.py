@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from loire import distributed
 from loire.config import LoireConfig
 from loire.data import Corpus, encode_corpus, load_corpus
 from loire.distill import DistillConfig
@@ -154,6 +155,7 @@ def run_stage(
     max_eval_blocks: int = 32,
     on_log: OnLog | None = None,
     progress: bool = True,
+    fsdp: bool = False,
 ) -> StageResult:
     """Run one lifelong stage and write its folder to `out_dir` (see the module docstring).
 
@@ -256,6 +258,7 @@ def run_stage(
         seed=seed,
         device=device,
         progress=progress,
+        fsdp=fsdp,
     )
     flops = 0.0
     # ELLE: function-recovering warmup on the memory of the previous domain before the new domain.
@@ -357,11 +360,14 @@ def run_stage(
             "final_loss": result.final_loss,
             "resumed_from": result.resumed_from,
             "replay_ratio": config.replay_ratio,
+            "world_size": distributed.world_size(),
+            "fsdp": fsdp and distributed.world_size() > 1,
             "history": result.history,
         },
     }
     _write_stage(model, tok, record, out)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if distributed.is_main():
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     logger.info("stage %d (%s) done: AP %.3f, AP+ %s", t, domain, ap, ap_plus)
     return StageResult(
         out_dir=str(out),
@@ -381,6 +387,13 @@ def run_stage(
 
 
 def _write_stage(model: LoirePreTrainedModel, tokenizer, record: dict[str, Any], out: Path) -> None:
+    """Publish the stage folder: rank 0 writes it, every rank returns once it exists (under torchrun)."""
+    if distributed.is_main():
+        _publish_stage(model, tokenizer, record, out)
+    distributed.barrier()
+
+
+def _publish_stage(model: LoirePreTrainedModel, tokenizer, record: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -9,13 +9,15 @@
   1 → 0 (scheduled) or, for learned λ, a cap 1 − progress on the learned value, so both reach 0 at
   the end of the window; the hidden mask 0 → 1. The caller consolidates after training.
 - bf16 autocast on CUDA. Multi-GPU: run the same command under `torchrun --nproc_per_node=N` (or
-  `accelerate launch`); with WORLD_SIZE > 1 the model is wrapped in DistributedDataParallel and every
-  rank takes its share of each micro-batch; rank 0 writes checkpoints and logs.
+  `accelerate launch`); with WORLD_SIZE > 1 the model is wrapped in DistributedDataParallel (or sharded
+  with FSDP, `fsdp=True`) and every rank takes its share of each micro-batch; rank 0 writes checkpoints
+  and logs the metrics of the global batch (see `loire.distributed`).
 - A non-finite loss raises `TrainingDiverged` at once (nothing is saved from that step).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 
+from loire import distributed
 from loire.distill import DistillConfig, TeacherCache, build_teacher_cache, kd_loss
 from loire.flops import flops_per_step
 from loire.model import LoirePreTrainedModel, shifted_lm_loss
@@ -64,6 +67,7 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"
     progress: bool = True
+    fsdp: bool = False  # with WORLD_SIZE > 1: shard with FSDP instead of replicating with DDP
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -240,15 +244,6 @@ def open_devices(model: LoirePreTrainedModel, step: int, device_steps: int) -> f
     return progress
 
 
-def _distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend=backend)
-    rank = torch.distributed.get_rank() if world > 1 else 0
-    return rank, world
-
-
 def train(
     model: LoirePreTrainedModel,
     blocks: torch.Tensor,
@@ -262,12 +257,17 @@ def train(
     on_log: OnLog | None = None,
 ) -> TrainResult:
     """Train `model` in place on packed `blocks` (N, T); returns what happened."""
-    rank, world = _distributed()
     device = resolve_device(config.device)
+    rank, world = distributed.init(device)
     if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", distributed.local_rank())
+    if world > 1 and config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
     torch.manual_seed(config.seed)
-    model.to(device).train()
+    sharded = config.fsdp and world > 1
+    # FSDP trains a sharded copy (its parameters become DTensors) and gathers the result back into `model`.
+    net = distributed.shard(copy.deepcopy(model), device) if sharded else model.to(device)
+    net.train()
     is_causal = model.config.is_causal
     batcher = Batcher(
         blocks,
@@ -279,23 +279,30 @@ def train(
         rank=rank,
         world=world,
     )
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in net.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
         betas=(0.9, 0.95),
-        fused=device.type == "cuda",
+        fused=device.type == "cuda" and not sharded,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start, resumed_from = 0, None
-    if resume and ckpt_dir is not None and complete_checkpoints(ckpt_dir):
-        latest = complete_checkpoints(ckpt_dir)[-1]
-        start = resumed_from = load_checkpoint(latest, model, optimizer, scheduler)
+    found = complete_checkpoints(ckpt_dir) if (resume and ckpt_dir is not None) else []
+    latest = distributed.agree(found[-1] if found else None)  # every rank resumes from rank 0's choice
+    if latest is not None:
+        if distributed.is_sharded_checkpoint(latest):
+            start = resumed_from = distributed.load_sharded_checkpoint(latest, net, optimizer, scheduler)
+        elif sharded:
+            raise ValueError(f"{latest}: written without FSDP; resume it without --fsdp or delete {ckpt_dir}")
+        else:
+            start = resumed_from = load_checkpoint(latest, model, optimizer, scheduler)
         logger.info("resumed from %s (step %d)", latest, start)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if world > 1 and not sharded:
+        net = torch.nn.parallel.DistributedDataParallel(model)
 
     cache: TeacherCache | None = None
     teacher_flops = 0.0
@@ -321,7 +328,7 @@ def train(
     window_tokens, window_start = 0, time.perf_counter()
     loss_value = float("nan")
     for step in range(start, config.steps):
-        opening = open_devices(model, step, config.device_steps)
+        opening = open_devices(_unwrap(net), step, config.device_steps)
         kd_weight = distill.weight(step) if (distill is not None and cache is not None) else 0.0
         totals = {"loss": 0.0, "lm": 0.0, "kd": 0.0}
         for micro in range(config.grad_accum):
@@ -340,12 +347,14 @@ def train(
                 raise TrainingDiverged(f"non-finite training loss ({loss.item()}) at step {step}: the stage is stopped")
             (loss / config.grad_accum).backward()
             totals["loss"] += loss.item() / config.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        grad_norm = distributed.local_norm(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"non-finite gradient norm at step {step}: the stage is stopped")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if world > 1:  # the metrics of the global batch, the same on every rank
+            totals = dict(zip(totals, distributed.mean(list(totals.values()), device), strict=True))
         loss_value = totals["loss"]
         window_tokens += block_tokens
         done = step + 1
@@ -367,9 +376,15 @@ def train(
                 on_log(metrics, done)
             window_tokens, window_start = 0, time.perf_counter()
         progress.update(done, loss_value, (done - start) * block_tokens / max(time.perf_counter() - started, 1e-9))
-        if rank == 0 and ckpt_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
-            save_checkpoint(ckpt_dir, model, optimizer, scheduler, done, config.keep_checkpoints)
+        if ckpt_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+            if sharded:  # a collective: every rank writes its shards
+                distributed.save_sharded_checkpoint(ckpt_dir, net, optimizer, scheduler, done, config.keep_checkpoints)
+            elif rank == 0:
+                save_checkpoint(ckpt_dir, model, optimizer, scheduler, done, config.keep_checkpoints)
     progress.close()
+    if sharded:
+        model.load_state_dict(distributed.full_state_dict(net))
+        del net, optimizer
     open_devices(model, config.steps, config.device_steps)
     trained = config.steps - start
     return TrainResult(
@@ -382,6 +397,10 @@ def train(
         history=history,
         resumed_from=resumed_from,
     )
+
+
+def _unwrap(net: torch.nn.Module) -> LoirePreTrainedModel:
+    return net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net  # type: ignore[return-value]
 
 
 def _head(model: LoirePreTrainedModel) -> str:
