@@ -54,6 +54,13 @@ MAIN = ["loire", "loire-er", "fixed-small", "fixed-large", "retrain", "token-kd"
 # `replay` and `loire-er` use, so growth + distillation is compared with ELLE at equal replay.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "elle-er": ("elle", {"replay_ratio": REPLAY_RATIO}),
+    # what carries `loire` (one change at a time against the default)
+    "loire-nokd": ("loire", {"distill": "none"}),
+    "loire-kdfull": ("loire", {"distill_fraction": None}),
+    "loire-noreplay": ("loire", {"replay_ratio": 0.0, "distill_fraction": None}),
+    "loire-r10": ("loire", {"replay_ratio": 0.1, "distill_fraction": None}),
+    "loire-r10-nokd": ("loire", {"replay_ratio": 0.1, "distill": "none"}),
+    "loire-split": ("loire", {"growth_init": "split"}),
 }
 ABLATION = ["loire", "loire-zero", "loire-random"]
 # The comparison set for LOIRE's last-stage AP: every strategy except retrain.
@@ -411,6 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="long")
     parser.add_argument("--strategies", default=",".join([*MAIN, "elle-er", *ABLATION[1:]]))
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--runs", help="explicit STRATEGY:SEED,... order (instead of --strategies x --seeds)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="override every stage's steps (smoke runs)")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "loire-bench"))
@@ -427,9 +435,15 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             strategy_for(name)
         seeds = [int(s) for s in args.seeds.split(",")]
-        todo = [
-            (n, s) for s in seeds for n in names if args.redo or not run_file(label(args), n, s).exists()
-        ]  # seed-major: every strategy's first seed before any second seed
+        # seed-major (every strategy's first seed before any second seed), or the order --runs gives
+        order = (
+            [(n, int(k)) for n, k in (r.split(":") for r in args.runs.split(","))]
+            if args.runs
+            else [(n, s) for s in seeds for n in names]
+        )
+        for name, _ in order:
+            strategy_for(name)
+        todo = [(n, s) for n, s in order if args.redo or not run_file(label(args), n, s).exists()]
         print(f"{len(todo)} run(s) to do with {args.jobs} at a time: {todo}", flush=True)
         with ThreadPoolExecutor(args.jobs) as pool:
             for _ in pool.map(lambda job: launch(args, *job), todo):

@@ -77,7 +77,7 @@ def test_naive_expand_reaches_the_sizes_but_changes_the_function(init: str) -> N
     exact = grow(model, **targets)
     assert grown.config.hidden_size == exact.config.hidden_size
     assert grown.config.num_hidden_layers == exact.config.num_hidden_layers
-    assert grown.config.plugin_layers == ()
+    assert not grown.config.plugin_layers
     inputs = probe(model)
     diff = float((logits(model, inputs) - logits(grown, inputs)).abs().max())
     assert diff > 1e-3  # not function preserving: the ablation's point
