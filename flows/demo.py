@@ -285,7 +285,8 @@ def _stage_result(run: Any, domain: str) -> dict[str, Any]:
 
 
 def _print_lineage(console: Console) -> None:
-    from flows.tracking import Tracker, render_lineage
+    from flows.tracking import Tracker
+    from loire.cli import render_lineage
 
     try:
         chain = Tracker().lineage("champion")

@@ -53,7 +53,6 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
 )
-from rich.table import Table
 
 import loire
 from flows.redact import credentials_to_env
@@ -1058,30 +1057,6 @@ def _is_complete_stage(folder: Path, model_name: str, version: str) -> bool:
     return info.get("model_name") == model_name and str(info.get("version")) == str(version)
 
 
-def render_lineage(chain: Sequence[Mapping[str, Any]]) -> Table:
-    """A rich table of a `Tracker.lineage` chain."""
-    table = Table(title="LOIRE lineage (oldest first)")
-    for column in ("version", "stage", "domain", "corpus", "etag", "aliases", "AP", "AP+", "run"):
-        table.add_column(column)
-    for entry in chain:
-        table.add_row(
-            str(entry["version"]),
-            str(entry["stage"]),
-            str(entry["domain"]),
-            str(entry["corpus_uri"]),
-            str(entry["etag"]),
-            ", ".join(entry["aliases"]),
-            _fmt(entry["ap"]),
-            _fmt(entry["ap_plus"]),
-            str(entry["run_id"])[:8],
-        )
-    return table
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
-
-
 __all__ = [
     "CANDIDATE",
     "CHAMPION",
@@ -1095,6 +1070,5 @@ __all__ = [
     "dataset_digest",
     "flatten_params",
     "is_retryable",
-    "render_lineage",
     "stage_metrics",
 ]

@@ -1,11 +1,15 @@
-"""The `loire` command line: inspect, import-hf, grow."""
+"""The `loire` command line: inspect, import-hf, grow, train-stage, lifelong, eval-downstream.
+
+The pipeline's commands (demo, lineage, resume-crashed) live in flows/cli.py and join `app` through
+`load_pipeline_commands` (the console entry point calls it), so the library installs and imports without
+Prefect, MLflow or boto3."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -263,6 +267,30 @@ def ppl_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def render_lineage(chain: Sequence[Mapping[str, Any]]) -> Table:
+    """A rich table of a `Tracker.lineage` chain."""
+    table = Table(title="LOIRE lineage (oldest first)")
+    for column in ("version", "stage", "domain", "corpus", "etag", "aliases", "AP", "AP+", "run"):
+        table.add_column(column)
+    for entry in chain:
+        table.add_row(
+            str(entry["version"]),
+            str(entry["stage"]),
+            str(entry["domain"]),
+            str(entry["corpus_uri"]),
+            str(entry["etag"]),
+            ", ".join(entry["aliases"]),
+            _fmt_or_dash(entry["ap"]),
+            _fmt_or_dash(entry["ap_plus"]),
+            str(entry["run_id"])[:8],
+        )
+    return table
+
+
+def _fmt_or_dash(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
 @app.command("eval-downstream")
 @clean_errors
 def eval_downstream(
@@ -361,83 +389,30 @@ def eval_downstream(
         raise typer.Exit(code=2)
 
 
-@app.command("demo")
-@clean_errors
-def demo(
-    quick: Annotated[
-        bool, typer.Option("--quick", help="The micro schedule and a small downstream budget (~3 min).")
-    ] = False,
-    data: Annotated[
-        Path | None,
-        typer.Option(help="Real corpora and tasks laid out like shared/data (default: the synthetic generator)."),
-    ] = None,
-    out: Annotated[
-        Path, typer.Option(help="Folder for the landing zone, MLflow DB, Prefect home, stages, logs.")
-    ] = Path("loire-demo"),
-) -> None:
-    """The whole event-driven pipeline on this machine: local Prefect server, MLflow on SQLite, five domains."""
-    # The pipeline lives in `flows` (Prefect, MLflow): imported here only, so `loire` itself stays free of them.
-    from flows.demo import run_demo
-
-    results = run_demo(quick=quick, data=data, out=out, console=console)
-    if any("error" in r for r in results):
-        raise typer.Exit(code=1)
+PIPELINE_COMMANDS = ("demo", "lineage", "resume-crashed")
 
 
-@app.command("lineage")
-@clean_errors
-def lineage(
-    model: Annotated[str, typer.Option("--model", help="Registered model name.")] = "loire-lm",
-    alias: Annotated[str, typer.Option(help="Start from this alias or version number.")] = "champion",
-    tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI).")
-    ] = None,
-) -> None:
-    """The chain of stage versions in the MLflow registry, from stage 1 to the alias (default: champion)."""
-    from flows.tracking import Tracker, render_lineage
-
-    chain = Tracker(tracking_uri=tracking_uri, model_name=model).lineage(alias)
-    if not chain:
-        raise ValueError(f"--model {model}: no version behind {alias!r} in the registry")
-    console.print(render_lineage(chain))
+def load_pipeline_commands() -> None:
+    """Add the pipeline's commands (flows/cli.py) to `app`. Called by the console entry point, never at import,
+    so `import loire.cli` stays free of the pipeline; without `flows` on the path the commands are stubs that
+    say what to install."""
+    try:
+        import flows.cli  # noqa: F401  (registers demo, lineage, resume-crashed on `app`)
+    except ImportError:
+        for name in PIPELINE_COMMANDS:
+            app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
+                _pipeline_missing
+            )
 
 
-@app.command("resume-crashed")
-@clean_errors
-def resume_crashed(
-    deployment: Annotated[
-        str, typer.Option(help="The stage deployment (flow-name/deployment-name).")
-    ] = "lifelong-stage/lifelong-stage",
-    failed: Annotated[
-        bool,
-        typer.Option("--failed", help="Also reschedule Failed runs (after fixing the cause, e.g. an MLflow outage)."),
-    ] = False,
-    run: Annotated[list[str] | None, typer.Option("--run", help="Only this flow-run id (repeatable).")] = None,
-    max_resumes: Annotated[
-        int, typer.Option(help="Skip a run that already ended Crashed/Failed more than this many times.")
-    ] = 3,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be rescheduled.")] = False,
-) -> None:
-    """Reschedule crashed stage runs in place: same flow run, same MLflow run, training resumes from the last
-    complete checkpoint (the Prefect server is PREFECT_API_URL)."""
-    from flows.serve import resume_crashed as resume
-
-    done = resume(deployment, include_failed=failed, run_ids=run, max_resumes=max_resumes, dry_run=dry_run)
-    if not done:
-        console.print(f"no {'crashed or failed' if failed else 'crashed'} runs of {deployment}")
-        return
-    for r in done:
-        closed = f", {r.orphans} orphaned subflow run(s) marked Crashed" if r.orphans else ""
-        console.print(
-            f"{r.action}: flow run {r.name} {r.run_id} ({r.state}, arrival {r.arrival or '-'}){closed}",
-            highlight=False,
-            soft_wrap=True,
-        )
-    if any(r.action.startswith("skipped") for r in done):
-        raise typer.Exit(code=1)
+def _pipeline_missing() -> None:
+    """Needs the pipeline: pip install 'loire[pipeline]'."""
+    err_console.print("[bold red]error:[/] this command needs the pipeline: pip install 'loire\\[pipeline]'")
+    raise typer.Exit(code=2)
 
 
 def run() -> None:  # pragma: no cover - console entry point
+    load_pipeline_commands()
     app(prog_name="loire")
 
 
