@@ -53,7 +53,7 @@ def lineage(
     ] = None,
 ) -> None:
     """The chain of stage versions in the MLflow registry, from stage 1 to the alias (default: champion)."""
-    from flows.tracking import Tracker
+    from flows.registry import Tracker
 
     chain = Tracker(tracking_uri=tracking_uri, model_name=model).lineage(alias)
     if not chain:

@@ -285,7 +285,7 @@ def _stage_result(run: Any, domain: str) -> dict[str, Any]:
 
 
 def _print_lineage(console: Console) -> None:
-    from flows.tracking import Tracker
+    from flows.registry import Tracker
     from loire.cli import render_lineage
 
     try:

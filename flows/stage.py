@@ -18,7 +18,7 @@ The story of a stage:
 Everything between tasks is a URI, a path or an id. Retries are on I/O tasks only; a failed
 training, a bad corpus or a diverged loss fails the flow run (the exception propagates). Tasks that talk
 to MLflow have no Prefect retries: `flows.tracking` retries every request with one bounded backoff
-(`RetryPolicy`), so an outage longer than that budget fails the stage after the budget, not after
+(`flows.retry.RetryPolicy`), so an outage longer than that budget fails the stage after the budget, not after
 four times it. S3 fetches are retried by Prefect on I/O errors only (a `LandingError` fails at once).
 
 Resume. A crashed or failed run is rescheduled in place (`loire resume-crashed`): the same flow run id
@@ -46,19 +46,20 @@ from prefect.tasks import exponential_backoff
 from flows.downstream import downstream_eval
 from flows.landing import Arrival, fetch_batch, fetch_uri
 from flows.redact import redact
+from flows.registry import Tracker
+from flows.retry import RetryPolicy, retry_condition
 from flows.settings import PipelineSettings, load_settings
-from flows.tracking import Gates, RetryPolicy, Tracker
 from flows.train import train_stage
-from flows.watch import retry_on_io_error
 from loire.data import load_corpus
 from loire.lifelong import read_stage
 from loire.metrics import average_perplexity
+from loire.promotion import Gates
 
 IO_RETRIES = dict(
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_jitter_factor=0.5,
-    retry_condition_fn=retry_on_io_error,
+    retry_condition_fn=retry_condition,
 )
 # MLflow tasks: retried per request by the tracker (one budget); results never cached across attempts of a
 # flow run, so a resumed run sees the registry as it is now.

@@ -81,7 +81,7 @@ def _tracker_callback(mlflow_run_id: str | None, tracking_uri: str | None) -> An
     """The run's `MetricBuffer` (an `OnLog`), or None without a run."""
     if mlflow_run_id is None:
         return None
-    from flows.tracking import Tracker
+    from flows.registry import Tracker
 
     return Tracker(tracking_uri=tracking_uri).on_log(mlflow_run_id)
 
