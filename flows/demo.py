@@ -28,7 +28,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-DOMAINS = ("WB", "NEWS", "REV", "BIO", "CS")
+from loire.domains import DOMAINS
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -543,7 +544,7 @@ def _download(s3: BaseClient, bucket: str, key: str, target: Path, max_bytes: in
     # botocore retries requests, not a body cut off mid-transfer: only those are re-read here.
     policy = RetryPolicy(attempts=STREAM_ATTEMPTS, initial_delay_s=0.5)
     try:
-        return policy.retrying(f"{show(key)}: transfer", retry_on=_is_stream_error)(get)
+        return policy.retrying(f"{show(key)}: transfer", retry_on=_is_stream_error, sleep=_sleep)(get)
     except _STREAM_ERRORS:
         with _s3_call(f"GetObject ({STREAM_ATTEMPTS} transfers interrupted)", key):
             raise
@@ -551,6 +552,10 @@ def _download(s3: BaseClient, bucket: str, key: str, target: Path, max_bytes: in
 
 def _is_stream_error(exc: BaseException) -> bool:
     return isinstance(exc, _STREAM_ERRORS)
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)  # `time` looked up at each call, so the fault tests can record the backoff
 
 
 def _copy_capped(body: IO[bytes], target: Path, key: str, max_bytes: int) -> int:

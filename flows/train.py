@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.settings import resolve_schedule
 from loire.lifelong import STAGE_FILE, checkpoint_dir, read_stage, run_stage
-from loire.train import TrainingDiverged
-
-OnLog = Callable[[dict[str, float], int], None]
+from loire.train import OnLog, TrainingDiverged
 
 
 def stage_summary(record: dict[str, Any], out_dir: str) -> dict[str, Any]:

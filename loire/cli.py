@@ -182,7 +182,7 @@ def _log_to_console(metrics: dict[str, float], step: int) -> None:
 
 @app.command("train-stage")
 @clean_errors
-def train_stage(
+def train_stage_command(
     domain: Annotated[str, typer.Option(help="Name of the new domain (e.g. NEWS).")],
     corpus: Annotated[str, typer.Option(help="Corpus folder, file or s3:// prefix.")],
     out: Annotated[Path, typer.Option(help="Stage folder to write (replaced only when complete).")],

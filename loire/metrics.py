@@ -1,4 +1,4 @@
-"""Evaluation metrics for lifelong growth: perplexity, ELLE's AP / AP+, and a growth check.
+"""Evaluation metrics: perplexity, ELLE's AP / AP+, a growth check, and the downstream tasks' accuracy and F1.
 
 Perplexity is token-weighted: the negative log-likelihoods of every predicted token of every block
 are summed (in float64) and divided by the number of predicted tokens, so a short block weighs less
@@ -33,7 +33,8 @@ import copy
 import json
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -420,11 +421,86 @@ def max_abs_logit_diff(old: nn.Module, new: nn.Module, input_ids: torch.Tensor, 
     return float((outputs[0] - outputs[1].to(outputs[0].device)).abs().max())
 
 
+# --------------------------------------------------------------------------- classification
+# scikit-learn's definitions, without the dependency (tests/test_downstream.py compares them).
+
+
+def _check_pair(y_true: Sequence[Hashable], y_pred: Sequence[Hashable]) -> None:
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"y_true has {len(y_true)} items but y_pred has {len(y_pred)}")
+    if len(y_true) == 0:
+        raise ValueError("no examples to score")
+
+
+def _per_label(
+    y_true: Sequence[Hashable], y_pred: Sequence[Hashable], labels: Sequence[Hashable]
+) -> list[tuple[int, int, int]]:
+    """(true positives, false positives, false negatives) for each label."""
+    tp, fp, fn = Counter(), Counter(), Counter()
+    for t, p in zip(y_true, y_pred, strict=True):
+        if t == p:
+            tp[t] += 1
+        else:
+            fp[p] += 1
+            fn[t] += 1
+    return [(tp[label], fp[label], fn[label]) for label in labels]
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    denominator = 2 * tp + fp + fn
+    return 2 * tp / denominator if denominator else 0.0
+
+
+def accuracy(y_true: Sequence[Hashable], y_pred: Sequence[Hashable]) -> float:
+    """Share of exact matches."""
+    _check_pair(y_true, y_pred)
+    return sum(t == p for t, p in zip(y_true, y_pred, strict=True)) / len(y_true)
+
+
+def micro_f1(y_true: Sequence[Hashable], y_pred: Sequence[Hashable], labels: Sequence[Hashable] | None = None) -> float:
+    """F1 of the true / false positives and false negatives summed over `labels`.
+
+    As sklearn's `f1_score(average="micro", labels=...)`. Over all labels (the default: every label in
+    y_true or y_pred) this equals accuracy for single-label classification; a subset of labels
+    (e.g. without a "no relation" class) makes it differ. 0 when there is nothing to count.
+    """
+    _check_pair(y_true, y_pred)
+    chosen = sorted(set(y_true) | set(y_pred), key=str) if labels is None else list(labels)
+    counts = _per_label(y_true, y_pred, chosen)
+    return _f1(sum(c[0] for c in counts), sum(c[1] for c in counts), sum(c[2] for c in counts))
+
+
+def macro_f1(y_true: Sequence[Hashable], y_pred: Sequence[Hashable], labels: Sequence[Hashable] | None = None) -> float:
+    """Unweighted mean over `labels` of each label's F1 = 2·TP / (2·TP + FP + FN).
+
+    As sklearn's `f1_score(average="macro", labels=..., zero_division=0)`: a label with no true and
+    no predicted example scores 0 and still counts in the mean (so passing the full label set
+    penalises a test set that lacks a label); default labels: every label in y_true or y_pred.
+    """
+    _check_pair(y_true, y_pred)
+    chosen = sorted(set(y_true) | set(y_pred), key=str) if labels is None else list(labels)
+    if not chosen:
+        raise ValueError("labels is empty")
+    return sum(_f1(*c) for c in _per_label(y_true, y_pred, chosen)) / len(chosen)
+
+
+# The downstream tasks' metrics by catalogue name (DSP's conventions, see loire/tasks/dsp.yaml).
+CLASSIFICATION_METRICS: dict[str, Callable[..., float]] = {
+    "accuracy": accuracy,
+    "micro_f1": micro_f1,
+    "macro_f1": macro_f1,
+}
+
+
 __all__ = [
+    "CLASSIFICATION_METRICS",
     "PAD",
     "PerplexityMatrix",
+    "accuracy",
     "average_increased_perplexity",
     "average_perplexity",
+    "macro_f1",
     "max_abs_logit_diff",
+    "micro_f1",
     "perplexity",
 ]
