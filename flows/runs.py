@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -38,6 +39,8 @@ from mlflow.utils.validation import (
 
 from flows.redact import credentials_to_env
 from flows.retry import RetryPolicy, call_with_retries, short
+from loire.downstream.finetune import average_score, scores_frame
+from loire.metrics import ppl_frame
 
 logger = logging.getLogger(__name__)
 
@@ -297,22 +300,28 @@ class RunLog:
         domains = [entry["domain"] for entry in record.get("lineage", [])]
         matrix = {"domains": domains, "rows": record.get("ppl_matrix", [])}
         self._call("log_dict(ppl_matrix)", self.client.log_dict, run_id, matrix, "eval/ppl_matrix.json")
+        if matrix["rows"]:  # the same matrix with AP and AP+ per stage, as a table the MLflow UI compares
+            table = ppl_frame(domains, matrix["rows"]).reset_index()
+            self._call("log_table(ppl)", self.client.log_table, run_id, table, "eval/ppl_table.json")
         if plot is not None:
             self._call("log_artifact(plot)", self.client.log_artifact, run_id, str(plot), "eval")
 
     def log_downstream(self, run_id: str, results: Sequence[Mapping[str, Any]]) -> float | None:
         """`downstream/<task>` (mean), `downstream/<task>/std` and `downstream/average` of the tasks that
         succeeded (failed ones, `ok: False`, are skipped); returns the average."""
-        done = [r for r in results if r.get("ok", True) and r.get("mean") is not None]
+        scores = scores_frame(results)
         metrics: dict[str, float] = {}
-        for r in done:
-            metrics[f"downstream/{r['task']}"] = float(r["mean"])
-            if r.get("std") is not None:
-                metrics[f"downstream/{r['task']}/std"] = float(r["std"])
-        average = sum(float(r["mean"]) for r in done) / len(done) if done else None
+        for task, row in scores.iterrows():
+            metrics[f"downstream/{task}"] = float(row["mean"])
+            if row["std"] is not None and not math.isnan(row["std"]):
+                metrics[f"downstream/{task}/std"] = float(row["std"])
+        average = average_score(results)
         if average is not None:
             metrics["downstream/average"] = average
         self.log_metrics(run_id, metrics)
+        if not scores.empty:
+            table = scores.reset_index()
+            self._call("log_table(downstream)", self.client.log_table, run_id, table, "eval/downstream_scores.json")
         return average
 
 

@@ -52,7 +52,7 @@ from flows.settings import PipelineSettings, load_settings
 from flows.train import train_stage
 from loire.data import load_corpus
 from loire.lifelong import read_stage
-from loire.metrics import average_perplexity
+from loire.metrics import ppl_frame
 from loire.promotion import Gates
 
 IO_RETRIES = dict(
@@ -260,15 +260,13 @@ def ppl_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     carries every key: Prefect takes a table's columns from its first row.
     """
     domains = [e["domain"] for e in record["lineage"]]
-    matrix = record["ppl_matrix"]
+    frame = ppl_frame(domains, record["ppl_matrix"])
     rows = []
-    for i, row in enumerate(matrix):
-        seen = [row[d] for d in domains[: i + 1] if d in row]
-        out: dict[str, Any] = {"stage": i + 1, "domain": domains[i]}
-        out.update({d: round(row[d], 2) if d in row else "" for d in domains})
-        out["AP"] = round(average_perplexity(seen), 2)
-        rises = [row[d] - matrix[j][d] for j, d in enumerate(domains[:i]) if d in row and d in matrix[j]]
-        out["AP+"] = round(math.fsum(rises) / len(rises), 2) if rises else "—"
+    for stage, values in frame.iterrows():
+        out: dict[str, Any] = {"stage": int(stage), "domain": values["domain"]}  # plain types: JSON for Prefect
+        out.update({d: "" if math.isnan(values[d]) else round(float(values[d]), 2) for d in domains})
+        out["AP"] = round(float(values["AP"]), 2)
+        out["AP+"] = "—" if math.isnan(values["AP+"]) else round(float(values["AP+"]), 2)
         rows.append(out)
     if record["ap_plus"] is not None:  # the stage's own figure, as logged to MLflow
         rows[-1]["AP+"] = round(record["ap_plus"], 2)

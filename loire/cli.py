@@ -317,7 +317,14 @@ def eval_downstream(
     import os
     import time
 
-    from loire.downstream import DEFAULT_BUDGET, TaskFailure, default_data_root, evaluate_downstream, summary
+    from loire.downstream import (
+        DEFAULT_BUDGET,
+        TaskFailure,
+        average_score,
+        default_data_root,
+        evaluate_downstream,
+        summary,
+    )
 
     if budget is not None and budget < 0:
         raise ValueError(f"--budget {budget}: must be >= 0 (0 = all data)")
@@ -330,8 +337,6 @@ def eval_downstream(
 
     def downstream_table(results: list[Any], title: str) -> Table:
         """Task × (domain, metric, mean ± std, majority-class baseline); stand-in tasks marked †."""
-        import statistics
-
         table = Table(title=title)
         for column in ("task", "domain", "metric", "score (mean ± std)", "majority class", "train/dev/test", "wall s"):
             table.add_column(column, justify="left" if column in ("task", "domain", "metric") else "right")
@@ -352,8 +357,7 @@ def eval_downstream(
                 f"{r.wall_time_s:.0f}",
             )
         if done:
-            mean = statistics.fmean(r.mean for r in done)
-            majority = statistics.fmean(r.majority for r in done)
+            mean, majority = average_score(done), average_score(done, "majority")
             table.add_row("average", "", "", f"{100 * mean:.1f}", f"{100 * majority:.1f}", "", "")
         return table
 

@@ -53,12 +53,14 @@ from loire.downstream.finetune import (
     TaskFailure,
     TaskResult,
     _stage_strategy,
+    average_score,
     encode,
     evaluate_downstream,
     evaluate_task,
     finetune_task,
     load_classifier,
     predict,
+    scores_frame,
     summary,
 )
 from loire.downstream.tasks import (
@@ -104,6 +106,7 @@ __all__ = [
     "_stage_strategy",
     "accuracy",
     "apply_budget",
+    "average_score",
     "budget_caps",
     "default_data_root",
     "encode",
@@ -120,6 +123,7 @@ __all__ = [
     "micro_f1",
     "predict",
     "score",
+    "scores_frame",
     "select_tasks",
     "summary",
 ]

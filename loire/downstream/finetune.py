@@ -17,9 +17,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from loire.config import LoireConfig
 from loire.downstream.catalogue import SPLITS, TaskSpec, load_catalogue, select_tasks
@@ -463,13 +466,32 @@ def evaluate_downstream(
     return results
 
 
+def scores_frame(results: Sequence[TaskResult | TaskFailure | Mapping[str, Any]]) -> pd.DataFrame:
+    """The tasks that were scored (results or their dicts; failures left out), one row each, index `task`:
+    domain, metric, mean, std, majority (the majority-class baseline)."""
+    import pandas as pd
+
+    rows = [r.to_dict() if isinstance(r, TaskResult | TaskFailure) else dict(r) for r in results]
+    done = [r for r in rows if r.get("ok", True) and r.get("mean") is not None]
+    columns = ["task", "domain", "metric", "mean", "std", "majority"]
+    return pd.DataFrame([{c: r.get(c) for c in columns} for r in done], columns=columns).set_index("task")
+
+
+def average_score(
+    results: Sequence[TaskResult | TaskFailure | Mapping[str, Any]], column: str = "mean"
+) -> float | None:
+    """The downstream average: the mean over the scored tasks of `column` (their mean score, or `majority`);
+    None when no task was scored. The one definition the CLI, the summary and MLflow's `downstream/average` use."""
+    values = [float(v) for v in scores_frame(results)[column] if v is not None]
+    return statistics.fmean(values) if values else None
+
+
 def summary(results: Sequence[TaskResult | TaskFailure], **meta: Any) -> dict[str, Any]:
     """A JSON-ready record: `meta`, every result, failures, and the average of the task means."""
-    done = [r for r in results if isinstance(r, TaskResult)]
     return {
         **meta,
         "results": [r.to_dict() for r in results],
         "failures": [r.to_dict() for r in results if isinstance(r, TaskFailure)],
-        "average": statistics.fmean(r.mean for r in done) if done else None,
-        "average_majority": statistics.fmean(r.majority for r in done) if done else None,
+        "average": average_score(results),
+        "average_majority": average_score(results, "majority"),
     }
