@@ -404,9 +404,11 @@ def load_pipeline_commands() -> None:
         import flows.cli  # noqa: F401  (registers demo, lineage, resume-crashed on `app`)
     except ImportError:
         for name in PIPELINE_COMMANDS:
-            app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-                _pipeline_missing
-            )
+            app.command(
+                name,
+                help="Needs the pipeline extra: pip install 'loire\\[pipeline]'.",
+                context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+            )(_pipeline_missing)
 
 
 def _pipeline_missing() -> None:
