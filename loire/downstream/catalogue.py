@@ -258,22 +258,17 @@ class _Task:
             raise self.fail(
                 "label_names", f"must be a list of {len(labels)} names (one per label), got {e.label_names!r}"
             )
+        same = e.model_dump(include={"domain", "paper_task", "substitute", "note", "metric", "epochs", "patience"})
         return TaskSpec(
             name=self.name,
-            domain=e.domain,
-            paper_task=e.paper_task,
-            substitute=e.substitute,
-            note=e.note,
+            **same,
             files=files,
             split_rule=rule,
             labels=labels,
             label_names=None if e.label_names is None else tuple(str(n) for n in e.label_names),
             replace=tuple(e.replace or ()),
-            metric=e.metric,
             max_length=e.max_length,
-            epochs=e.epochs,
             lr=float(e.lr),
-            patience=e.patience,
             seeds=tuple(e.seeds),
             aliases=tuple(e.aliases),
         )
@@ -353,3 +348,21 @@ def select_tasks(catalogue: Mapping[str, TaskSpec], tasks: str | Sequence[str]) 
     if unknown:
         raise ValueError(f"tasks: unknown {unknown}; the catalogue has {list(catalogue)} (aliases: {sorted(by_alias)})")
     return [catalogue[n] for n in dict.fromkeys(names)]
+
+
+__all__ = [
+    "DEFAULT_CATALOGUE",
+    "FORMATS",
+    "SPLITS",
+    "CatalogueError",
+    "FileEntry",
+    "FileSpec",
+    "SplitRule",
+    "SplitRuleEntry",
+    "TaskEntry",
+    "TaskSpec",
+    "label_key",
+    "load_catalogue",
+    "select_tasks",
+    "task_spec",
+]

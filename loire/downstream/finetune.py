@@ -202,14 +202,12 @@ def predict(
     was_training = model.training
     model.eval()
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    predictions = [0] * len(rows)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
+    predictions: dict[int, int] = {}
+    for chunk in (order[start : start + batch_size] for start in range(0, len(order), batch_size)):
         logits = model(**_batch([rows[i] for i in chunk], pad_id, device)).logits
-        for i, p in zip(chunk, logits.argmax(-1).tolist(), strict=True):
-            predictions[i] = p
+        predictions.update(zip(chunk, logits.argmax(-1).tolist(), strict=True))
     model.train(was_training)
-    return predictions
+    return [predictions[i] for i in range(len(rows))]
 
 
 @dataclass(frozen=True)
@@ -495,3 +493,24 @@ def summary(results: Sequence[TaskResult | TaskFailure], **meta: Any) -> dict[st
         "average": average_score(results),
         "average_majority": average_score(results, "majority"),
     }
+
+
+__all__ = [
+    "EVAL_BATCH_SIZE",
+    "MAX_GRAD_NORM",
+    "WARMUP_FRACTION",
+    "WEIGHT_DECAY",
+    "SeedRun",
+    "TaskFailure",
+    "TaskResult",
+    "_stage_strategy",
+    "average_score",
+    "encode",
+    "evaluate_downstream",
+    "evaluate_task",
+    "finetune_task",
+    "load_classifier",
+    "predict",
+    "scores_frame",
+    "summary",
+]

@@ -93,15 +93,8 @@ def _records(text: str, fmt: str, location: str) -> Iterator[tuple[int, dict[str
     """(line number, record) of every data row of a file."""
     if fmt == "jsonl":
         for number, line in enumerate(_lines(text), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskDataError(f"{location}, line {number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise TaskDataError(f"{location}, line {number}: expected a JSON object, got {type(record).__name__}")
-            yield number, record
+            if line.strip():
+                yield number, _json_object(line, f"{location}, line {number}")
     elif fmt in ("csv", "tsv"):
         options: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
         reader = csv.reader(io.StringIO(text, newline=""), **options)
@@ -130,6 +123,16 @@ def _records(text: str, fmt: str, location: str) -> Iterator[tuple[int, dict[str
             yield number, {"label": label, "text": sentence}
     else:  # pragma: no cover - the catalogue validates formats
         raise ValueError(f"unknown format {fmt!r}")
+
+
+def _json_object(line: str, where: str) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TaskDataError(f"{where}: not valid JSON ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise TaskDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def _field_text(record: dict[str, Any], name: str, where: str, what: str) -> str:
@@ -252,3 +255,19 @@ def majority_baseline(spec: TaskSpec, data: TaskData) -> float:
 def default_data_root() -> str:
     """`$LOIRE_DATA`, else `shared/data` beside the repository (../shared/data from its root)."""
     return os.environ.get("LOIRE_DATA") or str(Path(__file__).resolve().parents[3] / "shared" / "data")
+
+
+__all__ = [
+    "DEFAULT_BUDGET",
+    "Example",
+    "TaskData",
+    "TaskDataError",
+    "apply_budget",
+    "budget_caps",
+    "default_data_root",
+    "hash_fraction",
+    "load_task_data",
+    "majority_baseline",
+    "majority_label",
+    "score",
+]
