@@ -1,5 +1,8 @@
+import importlib.util
 import subprocess
 import sys
+
+import pytest
 
 PIPELINE = ("prefect", "mlflow", "boto3", "botocore", "flows")
 
@@ -28,6 +31,7 @@ def test_cli_imports_without_the_pipeline() -> None:
     assert_imports_none_of("import loire, loire.cli\n")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("prefect") is None, reason="needs the pipeline extra")
 def test_pipeline_commands_join_the_app_and_stay_lazy() -> None:
     assert_imports_none_of(
         "import loire.cli as cli\n"
