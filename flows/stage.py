@@ -347,7 +347,10 @@ def _publish(
 # ------------------------------------------------------------------------------------------- the flow
 @flow(name="lifelong-stage", log_prints=False)
 def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = None) -> dict[str, Any]:
-    """Grow, distil, train, evaluate, register and (maybe) promote the stage model for one arrival."""
+    """Grow, distil, train, evaluate, register and (maybe) promote the stage model for one arrival.
+
+    Long on purpose: it is the flow's script, each step one task or subflow call in the order the Prefect UI
+    shows them, and the steps share the run, the stage folder and the settings; the work is in the tasks."""
     logger = get_run_logger()
     cfg = load_settings(settings)
     arr = Arrival.from_params(arrival)

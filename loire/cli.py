@@ -291,6 +291,35 @@ def _fmt_or_dash(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+def downstream_table(results: list[Any], title: str) -> Table:
+    """Task × (domain, metric, mean ± std, majority-class baseline); stand-in tasks marked †."""
+    from loire.downstream import average_score
+
+    table = Table(title=title)
+    for column in ("task", "domain", "metric", "score (mean ± std)", "majority class", "train/dev/test", "wall s"):
+        table.add_column(column, justify="left" if column in ("task", "domain", "metric") else "right")
+    done = []
+    for r in results:
+        if not r.ok:
+            table.add_row(r.task, r.domain, "-", "[red]failed[/]", "-", "-", "-")
+            continue
+        done.append(r)
+        name = f"{r.task} †" if r.substitute else r.task
+        table.add_row(
+            name,
+            r.domain,
+            r.metric,
+            f"{100 * r.mean:.1f} ± {100 * r.std:.1f}",
+            f"{100 * r.majority:.1f}",
+            f"{r.n_train}/{r.n_dev}/{r.n_test}",
+            f"{r.wall_time_s:.0f}",
+        )
+    if done:
+        mean, majority = average_score(done), average_score(done, "majority")
+        table.add_row("average", "", "", f"{100 * mean:.1f}", f"{100 * majority:.1f}", "", "")
+    return table
+
+
 @app.command("eval-downstream")
 @clean_errors
 def eval_downstream(
@@ -317,14 +346,7 @@ def eval_downstream(
     import os
     import time
 
-    from loire.downstream import (
-        DEFAULT_BUDGET,
-        TaskFailure,
-        average_score,
-        default_data_root,
-        evaluate_downstream,
-        summary,
-    )
+    from loire.downstream import DEFAULT_BUDGET, TaskFailure, default_data_root, evaluate_downstream, summary
 
     if budget is not None and budget < 0:
         raise ValueError(f"--budget {budget}: must be >= 0 (0 = all data)")
@@ -334,32 +356,6 @@ def eval_downstream(
             raise ValueError(f"--threads {threads}: must be >= 1")
         torch.set_num_threads(threads)
     root = data_root or default_data_root()
-
-    def downstream_table(results: list[Any], title: str) -> Table:
-        """Task × (domain, metric, mean ± std, majority-class baseline); stand-in tasks marked †."""
-        table = Table(title=title)
-        for column in ("task", "domain", "metric", "score (mean ± std)", "majority class", "train/dev/test", "wall s"):
-            table.add_column(column, justify="left" if column in ("task", "domain", "metric") else "right")
-        done = []
-        for r in results:
-            if not r.ok:
-                table.add_row(r.task, r.domain, "-", "[red]failed[/]", "-", "-", "-")
-                continue
-            done.append(r)
-            name = f"{r.task} †" if r.substitute else r.task
-            table.add_row(
-                name,
-                r.domain,
-                r.metric,
-                f"{100 * r.mean:.1f} ± {100 * r.std:.1f}",
-                f"{100 * r.majority:.1f}",
-                f"{r.n_train}/{r.n_dev}/{r.n_test}",
-                f"{r.wall_time_s:.0f}",
-            )
-        if done:
-            mean, majority = average_score(done), average_score(done, "majority")
-            table.add_row("average", "", "", f"{100 * mean:.1f}", f"{100 * majority:.1f}", "", "")
-        return table
 
     started = time.perf_counter()
     with console.status("fine-tuning") as status:

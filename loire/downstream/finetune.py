@@ -294,6 +294,34 @@ def _finetune_seed(
     return SeedRun(seed, test, best_dev, best_epoch, epoch, step)
 
 
+def _task_result(
+    spec: TaskSpec, data: TaskData, runs: Sequence[SeedRun], *, length: int, budget: int | None, started: float
+) -> TaskResult:
+    """The seeds' runs of one task as its result: mean ± sample std of the test scores, the majority baseline."""
+    scores = tuple(r.test_score for r in runs)
+    return TaskResult(
+        task=spec.name,
+        domain=spec.domain,
+        paper_task=spec.paper_task,
+        substitute=spec.substitute,
+        note=spec.note,
+        metric=spec.metric,
+        mean=statistics.fmean(scores),
+        std=statistics.stdev(scores) if len(scores) > 1 else 0.0,
+        scores=scores,
+        seeds=tuple(r.seed for r in runs),
+        dev_scores=tuple(r.dev_score for r in runs),
+        best_epochs=tuple(r.best_epoch for r in runs),
+        majority=majority_baseline(spec, data),
+        n_train=len(data.train),
+        n_dev=len(data.dev),
+        n_test=len(data.test),
+        max_length=length,
+        budget=budget,
+        wall_time_s=time.perf_counter() - started,
+    )
+
+
 def finetune_task(
     model_dir: str | os.PathLike[str],
     spec: TaskSpec,
@@ -359,28 +387,7 @@ def finetune_task(
         _finetune_seed(spec, seed, encoded, labels, make_model, pad_id, torch_device, batch_size, on_log)
         for seed in run_seeds
     ]
-    scores = tuple(r.test_score for r in runs)
-    result = TaskResult(
-        task=spec.name,
-        domain=spec.domain,
-        paper_task=spec.paper_task,
-        substitute=spec.substitute,
-        note=spec.note,
-        metric=spec.metric,
-        mean=statistics.fmean(scores),
-        std=statistics.stdev(scores) if len(scores) > 1 else 0.0,
-        scores=scores,
-        seeds=run_seeds,
-        dev_scores=tuple(r.dev_score for r in runs),
-        best_epochs=tuple(r.best_epoch for r in runs),
-        majority=majority_baseline(spec, data),
-        n_train=len(data.train),
-        n_dev=len(data.dev),
-        n_test=len(data.test),
-        max_length=length,
-        budget=budget,
-        wall_time_s=time.perf_counter() - started,
-    )
+    result = _task_result(spec, data, runs, length=length, budget=budget, started=started)
     logger.info(
         "%s: %s %.4f ± %.4f (majority %.4f) in %.0f s",
         spec.name,
