@@ -419,4 +419,8 @@ def run() -> None:  # pragma: no cover - console entry point
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run())
+    # `python -m loire.cli` (torchrun, accelerate, the demo test): run the importable module `loire.cli`, whose
+    # `app` flows/cli.py registers its commands on, not this `__main__` copy.
+    from loire.cli import run as run_cli
+
+    sys.exit(run_cli())

@@ -55,3 +55,13 @@ def test_pipeline_commands_without_the_pipeline_say_what_to_install() -> None:
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "pip install 'loire[pipeline]'" in result.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("prefect") is None, reason="needs the pipeline extra")
+def test_python_m_loire_cli_has_the_pipeline_commands() -> None:
+    """`python -m loire.cli` (the demo test, torchrun) runs the app that flows/cli.py registered on."""
+    result = subprocess.run(
+        [sys.executable, "-m", "loire.cli", "--help"], capture_output=True, text=True, timeout=120, env=None
+    )
+    assert result.returncode == 0, result.stderr
+    assert all(name in result.stdout for name in ("demo", "lineage", "resume-crashed", "train-stage"))
