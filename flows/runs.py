@@ -20,7 +20,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import mlflow
 from mlflow import MlflowClient
@@ -38,9 +38,12 @@ from mlflow.utils.validation import (
 )
 
 from flows.redact import credentials_to_env
-from flows.retry import RetryPolicy, call_with_retries, short
+from flows.retry import RetryPolicy, call_with_retries, is_transient, short
 from loire.downstream.finetune import average_score, scores_frame
 from loire.metrics import ppl_frame
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -301,8 +304,7 @@ class RunLog:
         matrix = {"domains": domains, "rows": record.get("ppl_matrix", [])}
         self._call("log_dict(ppl_matrix)", self.client.log_dict, run_id, matrix, "eval/ppl_matrix.json")
         if matrix["rows"]:  # the same matrix with AP and AP+ per stage, as a table the MLflow UI compares
-            table = ppl_frame(domains, matrix["rows"]).reset_index()
-            self._call("log_table(ppl)", self.client.log_table, run_id, table, "eval/ppl_table.json")
+            self._log_table(run_id, ppl_frame(domains, matrix["rows"]).reset_index(), "eval/ppl_table.json")
         if plot is not None:
             self._call("log_artifact(plot)", self.client.log_artifact, run_id, str(plot), "eval")
 
@@ -320,9 +322,17 @@ class RunLog:
             metrics["downstream/average"] = average
         self.log_metrics(run_id, metrics)
         if not scores.empty:
-            table = scores.reset_index()
-            self._call("log_table(downstream)", self.client.log_table, run_id, table, "eval/downstream_scores.json")
+            self._log_table(run_id, scores.reset_index(), "eval/downstream_scores.json")
         return average
+
+    def _log_table(self, run_id: str, table: pd.DataFrame, artifact_file: str) -> None:
+        """`mlflow.log_table` of a view of what is logged as metrics: best effort, never fails the stage."""
+        try:
+            self._call(f"log_table({artifact_file})", self.client.log_table, run_id, table, artifact_file)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            logger.warning("%s not logged as a table: %s", artifact_file, short(exc))
 
 
 def stage_metrics(record: Mapping[str, Any]) -> dict[str, float]:

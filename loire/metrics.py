@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import warnings
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -255,23 +254,19 @@ def ppl_frame(domains: Sequence[str], rows: Sequence[Mapping[str, float]]) -> pd
     measured), `AP` over the seen domains measured and `AP+` over the earlier domains measured both at that
     stage and at their own (NaN at stage 1). The Prefect table artifact and the MLflow table are built from it.
     """
-    import numpy as np
     import pandas as pd
 
-    values = pd.DataFrame([dict(row) for row in rows], columns=list(domains), dtype=float)
-    n = len(values)
-    grid = values.to_numpy()
-    own = np.array([grid[j, j] if j < n else np.nan for j in range(len(domains))])  # each domain at its stage
-    stage, column = np.indices(grid.shape)
-    seen = np.where(column <= stage, grid, np.nan)
-    rises = np.where(column < stage, grid - own[np.newaxis, :], np.nan)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: stage 1 has no AP+
-        ap = np.exp(np.nanmean(np.log(seen), axis=1))
-        ap_plus = np.nanmean(rises, axis=1)
-    frame = values.assign(AP=ap, **{"AP+": ap_plus})
-    frame.insert(0, "domain", list(domains[:n]) + [None] * (n - len(domains)))
-    frame.index = pd.RangeIndex(1, n + 1, name="stage")
+    rows = [dict(row) for row in rows]
+    ap, ap_plus = [], []
+    for t, row in enumerate(rows):  # a domain may arrive again (a new batch): it then counts once per stage
+        seen = [row[d] for d in domains[: t + 1] if d in row]
+        rises = [row[d] - rows[s][d] for s, d in enumerate(domains[:t]) if d in row and d in rows[s]]
+        ap.append(average_perplexity(seen) if seen else math.nan)
+        ap_plus.append(math.fsum(rises) / len(rises) if rises else math.nan)
+    frame = pd.DataFrame(rows, columns=list(dict.fromkeys(domains)), dtype=float)
+    frame = frame.assign(AP=ap, **{"AP+": ap_plus})
+    frame.insert(0, "domain", list(domains[: len(rows)]) + [None] * (len(rows) - len(domains)))
+    frame.index = pd.RangeIndex(1, len(rows) + 1, name="stage")
     return frame
 
 
