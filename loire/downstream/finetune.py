@@ -299,13 +299,10 @@ def _task_result(
 ) -> TaskResult:
     """The seeds' runs of one task as its result: mean ± sample std of the test scores, the majority baseline."""
     scores = tuple(r.test_score for r in runs)
+    described = {key: getattr(spec, key) for key in ("domain", "paper_task", "substitute", "note", "metric")}
     return TaskResult(
         task=spec.name,
-        domain=spec.domain,
-        paper_task=spec.paper_task,
-        substitute=spec.substitute,
-        note=spec.note,
-        metric=spec.metric,
+        **described,
         mean=statistics.fmean(scores),
         std=statistics.stdev(scores) if len(scores) > 1 else 0.0,
         scores=scores,
