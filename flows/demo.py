@@ -28,7 +28,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-DOMAINS = ("WB", "NEWS", "REV", "BIO", "CS")
+from loire.domains import DOMAINS
 
 
 @dataclass(frozen=True)
@@ -285,7 +285,8 @@ def _stage_result(run: Any, domain: str) -> dict[str, Any]:
 
 
 def _print_lineage(console: Console) -> None:
-    from flows.tracking import Tracker, render_lineage
+    from flows.registry import Tracker
+    from loire.cli import render_lineage
 
     try:
         chain = Tracker().lineage("champion")

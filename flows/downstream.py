@@ -69,7 +69,7 @@ def downstream_eval(
             _table(results), key="downstream-scores", description=f"downstream fine-tuning of {model_dir}"
         )
     if mlflow_run_id is not None and results:
-        from flows.tracking import Tracker
+        from flows.registry import Tracker
 
         Tracker(tracking_uri=tracking_uri).log_downstream(mlflow_run_id, results)
     return results

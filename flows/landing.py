@@ -55,6 +55,7 @@ from prefect.logging import get_run_logger
 
 from flows.redact import BOTOCORE_LOGGERS
 from flows.redact import install as install_redaction
+from flows.retry import RetryPolicy, is_transient
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +73,6 @@ _CHUNK = 1024**2
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=-]{0,63}")
 _STREAM_ERRORS = (HTTPClientError, BotoConnectionError, IncompleteReadError)
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
-_TRANSIENT_CODES = frozenset(
-    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout", "InternalError"}
-)
 _CHANGED_CODES = frozenset({"412", "PreconditionFailed"})
 
 
@@ -397,18 +395,13 @@ def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-def _is_transient(exc: ClientError) -> bool:
-    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-    return status == 429 or status >= 500 or _code(exc) in _TRANSIENT_CODES
-
-
 @contextmanager
 def _s3_call(operation: str, key: str) -> Iterator[None]:
     """Turn an S3 failure that outlived botocore's retries into `LandingUnavailable` naming `key`."""
     try:
         yield
     except ClientError as exc:
-        if not _is_transient(exc):
+        if not is_transient(exc):
             raise
         meta = exc.response.get("ResponseMetadata", {})
         attempts = int(meta.get("RetryAttempts") or 0) + 1
@@ -535,7 +528,8 @@ def _download(s3: BaseClient, bucket: str, key: str, target: Path, max_bytes: in
     if int(head["ContentLength"]) > max_bytes:
         raise LandingError(f"{key}: {head['ContentLength']} bytes, over max_object_bytes={max_bytes}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in range(STREAM_ATTEMPTS):
+
+    def get() -> int:
         try:
             response = s3.get_object(Bucket=bucket, Key=key, IfMatch=head["ETag"])
             return _copy_capped(response["Body"], target, key, max_bytes)
@@ -546,13 +540,22 @@ def _download(s3: BaseClient, bucket: str, key: str, target: Path, max_bytes: in
                 raise LandingError(f"{key}: object replaced during download") from None
             with _s3_call("GetObject", key):
                 raise
-        except _STREAM_ERRORS as exc:
-            if attempt + 1 == STREAM_ATTEMPTS:
-                with _s3_call(f"GetObject ({STREAM_ATTEMPTS} transfers interrupted)", key):
-                    raise
-            run_logger().warning("%s: transfer interrupted (%s); retrying", key, exc)
-            time.sleep(0.5 * 2**attempt)
-    raise AssertionError("unreachable")
+
+    # botocore retries requests, not a body cut off mid-transfer: only those are re-read here.
+    policy = RetryPolicy(attempts=STREAM_ATTEMPTS, initial_delay_s=0.5)
+    try:
+        return policy.retrying(f"{show(key)}: transfer", retry_on=_is_stream_error, sleep=_sleep)(get)
+    except _STREAM_ERRORS:
+        with _s3_call(f"GetObject ({STREAM_ATTEMPTS} transfers interrupted)", key):
+            raise
+
+
+def _is_stream_error(exc: BaseException) -> bool:
+    return isinstance(exc, _STREAM_ERRORS)
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)  # `time` looked up at each call, so the fault tests can record the backoff
 
 
 def _copy_capped(body: IO[bytes], target: Path, key: str, max_bytes: int) -> int:

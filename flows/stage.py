@@ -18,7 +18,7 @@ The story of a stage:
 Everything between tasks is a URI, a path or an id. Retries are on I/O tasks only; a failed
 training, a bad corpus or a diverged loss fails the flow run (the exception propagates). Tasks that talk
 to MLflow have no Prefect retries: `flows.tracking` retries every request with one bounded backoff
-(`RetryPolicy`), so an outage longer than that budget fails the stage after the budget, not after
+(`flows.retry.RetryPolicy`), so an outage longer than that budget fails the stage after the budget, not after
 four times it. S3 fetches are retried by Prefect on I/O errors only (a `LandingError` fails at once).
 
 Resume. A crashed or failed run is rescheduled in place (`loire resume-crashed`): the same flow run id
@@ -46,19 +46,20 @@ from prefect.tasks import exponential_backoff
 from flows.downstream import downstream_eval
 from flows.landing import Arrival, fetch_batch, fetch_uri
 from flows.redact import redact
+from flows.registry import Tracker
+from flows.retry import RetryPolicy, retry_condition
 from flows.settings import PipelineSettings, load_settings
-from flows.tracking import Gates, RetryPolicy, Tracker
 from flows.train import train_stage
-from flows.watch import retry_on_io_error
 from loire.data import load_corpus
 from loire.lifelong import read_stage
-from loire.metrics import average_perplexity
+from loire.metrics import ppl_frame
+from loire.promotion import Gates
 
 IO_RETRIES = dict(
     retries=3,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_jitter_factor=0.5,
-    retry_condition_fn=retry_on_io_error,
+    retry_condition_fn=retry_condition,
 )
 # MLflow tasks: retried per request by the tracker (one budget); results never cached across attempts of a
 # flow run, so a resumed run sees the registry as it is now.
@@ -259,15 +260,13 @@ def ppl_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     carries every key: Prefect takes a table's columns from its first row.
     """
     domains = [e["domain"] for e in record["lineage"]]
-    matrix = record["ppl_matrix"]
+    frame = ppl_frame(domains, record["ppl_matrix"])
     rows = []
-    for i, row in enumerate(matrix):
-        seen = [row[d] for d in domains[: i + 1] if d in row]
-        out: dict[str, Any] = {"stage": i + 1, "domain": domains[i]}
-        out.update({d: round(row[d], 2) if d in row else "" for d in domains})
-        out["AP"] = round(average_perplexity(seen), 2)
-        rises = [row[d] - matrix[j][d] for j, d in enumerate(domains[:i]) if d in row and d in matrix[j]]
-        out["AP+"] = round(math.fsum(rises) / len(rises), 2) if rises else "—"
+    for stage, values in frame.iterrows():
+        out: dict[str, Any] = {"stage": int(stage), "domain": values["domain"]}  # plain types: JSON for Prefect
+        out.update({d: "" if math.isnan(values[d]) else round(float(values[d]), 2) for d in domains})
+        out["AP"] = round(float(values["AP"]), 2)
+        out["AP+"] = "—" if math.isnan(values["AP+"]) else round(float(values["AP+"]), 2)
         rows.append(out)
     if record["ap_plus"] is not None:  # the stage's own figure, as logged to MLflow
         rows[-1]["AP+"] = round(record["ap_plus"], 2)
@@ -348,7 +347,10 @@ def _publish(
 # ------------------------------------------------------------------------------------------- the flow
 @flow(name="lifelong-stage", log_prints=False)
 def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = None) -> dict[str, Any]:
-    """Grow, distil, train, evaluate, register and (maybe) promote the stage model for one arrival."""
+    """Grow, distil, train, evaluate, register and (maybe) promote the stage model for one arrival.
+
+    Long on purpose: it is the flow's script, each step one task or subflow call in the order the Prefect UI
+    shows them, and the steps share the run, the stage folder and the settings; the work is in the tasks."""
     logger = get_run_logger()
     cfg = load_settings(settings)
     arr = Arrival.from_params(arrival)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +35,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from flows.settings import resolve_schedule
 from loire.launch import launch_stage, visible_devices
 from loire.lifelong import STAGE_FILE, checkpoint_dir, read_stage, run_stage
-from loire.train import TrainingDiverged
-
-OnLog = Callable[[dict[str, float], int], None]
+from loire.train import OnLog, TrainingDiverged
 
 
 def stage_summary(record: dict[str, Any], out_dir: str) -> dict[str, Any]:
@@ -89,7 +86,7 @@ def _tracker_callback(mlflow_run_id: str | None, tracking_uri: str | None) -> An
     """The run's `MetricBuffer` (an `OnLog`), or None without a run."""
     if mlflow_run_id is None:
         return None
-    from flows.tracking import Tracker
+    from flows.registry import Tracker
 
     return Tracker(tracking_uri=tracking_uri).on_log(mlflow_run_id)
 

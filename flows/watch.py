@@ -35,17 +35,13 @@ from collections.abc import Callable
 from typing import Any
 
 import boto3
-import httpx
 from botocore.client import BaseClient
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import TaskRun
 from prefect.deployments import run_deployment
-from prefect.exceptions import PrefectHTTPStatusError
-from prefect.states import State
-from prefect.tasks import Task, exponential_backoff
+from prefect.tasks import exponential_backoff
 
 from flows.landing import (
     AWS_RETRIES,
@@ -59,6 +55,7 @@ from flows.landing import (
     s3_client,
     show,
 )
+from flows.retry import is_transient, retry_condition
 
 DEFAULT_DEPLOYMENT = "lifelong-stage/lifelong-stage"
 StartFn = Callable[[Arrival, str], str]
@@ -76,23 +73,9 @@ make_s3_client: Callable[[str | None], BaseClient] = s3_client
 make_sqs_client: Callable[[str | None], BaseClient] = sqs_client
 
 
-def is_io_error(exc: BaseException) -> bool:
-    """Errors worth retrying: connection problems, timeouts, throttling and server errors."""
-    if isinstance(exc, PrefectHTTPStatusError):
-        return exc.response.status_code == 429 or exc.response.status_code >= 500
-    if isinstance(exc, ClientError):  # what botocore still raises after its own retries
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return status == 429 or status >= 500 or "Throttl" in str(exc.response.get("Error", {}).get("Code", ""))
-    return isinstance(exc, OSError | httpx.TransportError | BotoCoreError)
-
-
-def retry_on_io_error(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Prefect retry condition: retry on connection problems, throttling and 5xx only, never on bad input."""
-    try:
-        state.result()
-    except Exception as exc:
-        return is_io_error(exc)
-    return False
+# The one definition of "transient" (flows/retry.py), under the names the watcher's callers know.
+is_io_error = is_transient
+retry_on_io_error = retry_condition
 
 
 # --- SQS ---------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,29 +66,21 @@ class Log:
         return result
 
 
-def _transient_errors() -> tuple[type[BaseException], ...]:
-    """Errors of a service that is not up yet (compose starts everything at once)."""
-    import httpx
-    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
-
-    return (ConnectionError, EndpointConnectionError, ConnectionClosedError, httpx.TransportError)
-
-
 def retrying(step: Callable[[], T], *, wait_s: float, what: str, log: Log) -> T | None:
-    """Run an idempotent step, repeating it while `what` is unreachable for up to `wait_s` seconds."""
-    deadline = time.monotonic() + wait_s
-    delay = 1.0
-    while True:
-        try:
-            return step()
-        except _transient_errors() as exc:
-            if log.dry_run:  # a dry run reports and goes on: it is often used before anything is up
-                log.say("unreachable", f"{what} ({exc})")
-                return None
-            if time.monotonic() + delay > deadline:
-                raise BootstrapError(f"{what} is not reachable ({exc}); is it running? (--wait SECONDS)") from exc
-            time.sleep(delay)
-            delay = min(2 * delay, 10.0)
+    """Run an idempotent step, repeating it while `what` is unreachable for up to `wait_s` seconds (compose starts
+    everything at once). The pipeline's one retry mechanism and definition of a transient error (flows/retry.py)."""
+    from flows.retry import RetryPolicy, is_transient
+
+    policy = RetryPolicy(attempts=1 if log.dry_run else 1_000_000, max_delay_s=10.0, max_elapsed_s=wait_s)
+    try:
+        return policy.call(step, what=what)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        if log.dry_run:  # a dry run reports and goes on: it is often used before anything is up
+            log.say("unreachable", f"{what} ({exc})")
+            return None
+        raise BootstrapError(f"{what} is not reachable ({exc}); is it running? (--wait SECONDS)") from exc
 
 
 def _service_errors() -> tuple[type[BaseException], ...]:

@@ -1,11 +1,15 @@
-"""The `loire` command line: inspect, import-hf, grow."""
+"""The `loire` command line: inspect, import-hf, grow, train-stage, lifelong, eval-downstream.
+
+The pipeline's commands (demo, lineage, resume-crashed) live in flows/cli.py and join `app` through
+`load_pipeline_commands` (the console entry point calls it), so the library installs and imports without
+Prefect, MLflow or boto3."""
 
 from __future__ import annotations
 
 import functools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -179,7 +183,7 @@ def _log_to_console(metrics: dict[str, float], step: int) -> None:
 
 @app.command("train-stage")
 @clean_errors
-def train_stage(
+def train_stage_command(
     domain: Annotated[str, typer.Option(help="Name of the new domain (e.g. NEWS).")],
     corpus: Annotated[str, typer.Option(help="Corpus folder, file or s3:// prefix.")],
     out: Annotated[Path, typer.Option(help="Stage folder to write (replaced only when complete).")],
@@ -274,6 +278,59 @@ def ppl_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def render_lineage(chain: Sequence[Mapping[str, Any]]) -> Table:
+    """A rich table of a `Tracker.lineage` chain."""
+    table = Table(title="LOIRE lineage (oldest first)")
+    for column in ("version", "stage", "domain", "corpus", "etag", "aliases", "AP", "AP+", "run"):
+        table.add_column(column)
+    for entry in chain:
+        table.add_row(
+            str(entry["version"]),
+            str(entry["stage"]),
+            str(entry["domain"]),
+            str(entry["corpus_uri"]),
+            str(entry["etag"]),
+            ", ".join(entry["aliases"]),
+            _fmt_or_dash(entry["ap"]),
+            _fmt_or_dash(entry["ap_plus"]),
+            str(entry["run_id"])[:8],
+        )
+    return table
+
+
+def _fmt_or_dash(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def downstream_table(results: list[Any], title: str) -> Table:
+    """Task × (domain, metric, mean ± std, majority-class baseline); stand-in tasks marked †."""
+    from loire.downstream import average_score
+
+    table = Table(title=title)
+    for column in ("task", "domain", "metric", "score (mean ± std)", "majority class", "train/dev/test", "wall s"):
+        table.add_column(column, justify="left" if column in ("task", "domain", "metric") else "right")
+    done = []
+    for r in results:
+        if not r.ok:
+            table.add_row(r.task, r.domain, "-", "[red]failed[/]", "-", "-", "-")
+            continue
+        done.append(r)
+        name = f"{r.task} †" if r.substitute else r.task
+        table.add_row(
+            name,
+            r.domain,
+            r.metric,
+            f"{100 * r.mean:.1f} ± {100 * r.std:.1f}",
+            f"{100 * r.majority:.1f}",
+            f"{r.n_train}/{r.n_dev}/{r.n_test}",
+            f"{r.wall_time_s:.0f}",
+        )
+    if done:
+        mean, majority = average_score(done), average_score(done, "majority")
+        table.add_row("average", "", "", f"{100 * mean:.1f}", f"{100 * majority:.1f}", "", "")
+    return table
+
+
 @app.command("eval-downstream")
 @clean_errors
 def eval_downstream(
@@ -311,35 +368,6 @@ def eval_downstream(
         torch.set_num_threads(threads)
     root = data_root or default_data_root()
 
-    def downstream_table(results: list[Any], title: str) -> Table:
-        """Task × (domain, metric, mean ± std, majority-class baseline); stand-in tasks marked †."""
-        import statistics
-
-        table = Table(title=title)
-        for column in ("task", "domain", "metric", "score (mean ± std)", "majority class", "train/dev/test", "wall s"):
-            table.add_column(column, justify="left" if column in ("task", "domain", "metric") else "right")
-        done = []
-        for r in results:
-            if not r.ok:
-                table.add_row(r.task, r.domain, "-", "[red]failed[/]", "-", "-", "-")
-                continue
-            done.append(r)
-            name = f"{r.task} †" if r.substitute else r.task
-            table.add_row(
-                name,
-                r.domain,
-                r.metric,
-                f"{100 * r.mean:.1f} ± {100 * r.std:.1f}",
-                f"{100 * r.majority:.1f}",
-                f"{r.n_train}/{r.n_dev}/{r.n_test}",
-                f"{r.wall_time_s:.0f}",
-            )
-        if done:
-            mean = statistics.fmean(r.mean for r in done)
-            majority = statistics.fmean(r.majority for r in done)
-            table.add_row("average", "", "", f"{100 * mean:.1f}", f"{100 * majority:.1f}", "", "")
-        return table
-
     started = time.perf_counter()
     with console.status("fine-tuning") as status:
 
@@ -372,85 +400,38 @@ def eval_downstream(
         raise typer.Exit(code=2)
 
 
-@app.command("demo")
-@clean_errors
-def demo(
-    quick: Annotated[
-        bool, typer.Option("--quick", help="The micro schedule and a small downstream budget (~3 min).")
-    ] = False,
-    data: Annotated[
-        Path | None,
-        typer.Option(help="Real corpora and tasks laid out like shared/data (default: the synthetic generator)."),
-    ] = None,
-    out: Annotated[
-        Path, typer.Option(help="Folder for the landing zone, MLflow DB, Prefect home, stages, logs.")
-    ] = Path("loire-demo"),
-) -> None:
-    """The whole event-driven pipeline on this machine: local Prefect server, MLflow on SQLite, five domains."""
-    # The pipeline lives in `flows` (Prefect, MLflow): imported here only, so `loire` itself stays free of them.
-    from flows.demo import run_demo
-
-    results = run_demo(quick=quick, data=data, out=out, console=console)
-    if any("error" in r for r in results):
-        raise typer.Exit(code=1)
+PIPELINE_COMMANDS = ("demo", "lineage", "resume-crashed")
 
 
-@app.command("lineage")
-@clean_errors
-def lineage(
-    model: Annotated[str, typer.Option("--model", help="Registered model name.")] = "loire-lm",
-    alias: Annotated[str, typer.Option(help="Start from this alias or version number.")] = "champion",
-    tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow tracking URI (default: MLFLOW_TRACKING_URI).")
-    ] = None,
-) -> None:
-    """The chain of stage versions in the MLflow registry, from stage 1 to the alias (default: champion)."""
-    from flows.tracking import Tracker, render_lineage
-
-    chain = Tracker(tracking_uri=tracking_uri, model_name=model).lineage(alias)
-    if not chain:
-        raise ValueError(f"--model {model}: no version behind {alias!r} in the registry")
-    console.print(render_lineage(chain))
+def load_pipeline_commands() -> None:
+    """Add the pipeline's commands (flows/cli.py) to `app`. Called by the console entry point, never at import,
+    so `import loire.cli` stays free of the pipeline; without `flows` on the path the commands are stubs that
+    say what to install."""
+    try:
+        import flows.cli  # noqa: F401  (registers demo, lineage, resume-crashed on `app`)
+    except ImportError:
+        for name in PIPELINE_COMMANDS:
+            app.command(
+                name,
+                help="Needs the pipeline extra: pip install 'loire\\[pipeline]'.",
+                context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+            )(_pipeline_missing)
 
 
-@app.command("resume-crashed")
-@clean_errors
-def resume_crashed(
-    deployment: Annotated[
-        str, typer.Option(help="The stage deployment (flow-name/deployment-name).")
-    ] = "lifelong-stage/lifelong-stage",
-    failed: Annotated[
-        bool,
-        typer.Option("--failed", help="Also reschedule Failed runs (after fixing the cause, e.g. an MLflow outage)."),
-    ] = False,
-    run: Annotated[list[str] | None, typer.Option("--run", help="Only this flow-run id (repeatable).")] = None,
-    max_resumes: Annotated[
-        int, typer.Option(help="Skip a run that already ended Crashed/Failed more than this many times.")
-    ] = 3,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be rescheduled.")] = False,
-) -> None:
-    """Reschedule crashed stage runs in place: same flow run, same MLflow run, training resumes from the last
-    complete checkpoint (the Prefect server is PREFECT_API_URL)."""
-    from flows.serve import resume_crashed as resume
-
-    done = resume(deployment, include_failed=failed, run_ids=run, max_resumes=max_resumes, dry_run=dry_run)
-    if not done:
-        console.print(f"no {'crashed or failed' if failed else 'crashed'} runs of {deployment}")
-        return
-    for r in done:
-        closed = f", {r.orphans} orphaned subflow run(s) marked Crashed" if r.orphans else ""
-        console.print(
-            f"{r.action}: flow run {r.name} {r.run_id} ({r.state}, arrival {r.arrival or '-'}){closed}",
-            highlight=False,
-            soft_wrap=True,
-        )
-    if any(r.action.startswith("skipped") for r in done):
-        raise typer.Exit(code=1)
+def _pipeline_missing() -> None:
+    """Needs the pipeline: pip install 'loire[pipeline]'."""
+    err_console.print("[bold red]error:[/] this command needs the pipeline: pip install 'loire\\[pipeline]'")
+    raise typer.Exit(code=2)
 
 
 def run() -> None:  # pragma: no cover - console entry point
+    load_pipeline_commands()
     app(prog_name="loire")
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run())
+    # `python -m loire.cli` (torchrun, accelerate, the demo test): run the importable module `loire.cli`, whose
+    # `app` flows/cli.py registers its commands on, not this `__main__` copy.
+    from loire.cli import run as run_cli
+
+    sys.exit(run_cli())

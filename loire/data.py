@@ -320,6 +320,23 @@ def _open(fs: fsspec.AbstractFileSystem, path: str) -> IO[bytes]:
         raise
 
 
+def read_bytes(uri: str) -> bytes:
+    """A whole file's bytes, local path or fsspec URL; a `.gz` file decompressed under the bomb guard.
+
+    Raises the filesystem's OSError (FileNotFoundError, IsADirectoryError, ...) as is, and `CorpusError`
+    naming the file for corrupt or bomb-like gzip data. For small files read at once (task data); corpora
+    stream line by line (`load_corpus`).
+    """
+    fs, path = _filesystem(uri)
+    try:
+        with _open(fs, path) as f:
+            return f.read()
+    except _GzipBomb as exc:
+        raise CorpusError(uri, str(exc)) from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise CorpusError(uri, f"corrupt gzip data ({exc})") from None
+
+
 class _GzipBomb(Exception):
     def __init__(self, produced: int, consumed: int) -> None:
         super().__init__(

@@ -1,4 +1,4 @@
-"""Evaluation metrics for lifelong growth: perplexity, ELLE's AP / AP+, and a growth check.
+"""Evaluation metrics: perplexity, ELLE's AP / AP+, a growth check, and the downstream tasks' accuracy and F1.
 
 Perplexity is token-weighted: the negative log-likelihoods of every predicted token of every block
 are summed (in float64) and divided by the number of predicted tokens, so a short block weighs less
@@ -30,22 +30,23 @@ tested on a hand-computed matrix.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 logger = logging.getLogger(__name__)
 
 PAD = -100  # padding in packed blocks (the ignore index of the model losses)
-TABLE_KEYS = ("stage", "AP", "AP+")  # reserved column names of PerplexityMatrix.table()
 
 
 # --------------------------------------------------------------------------- perplexity
@@ -245,158 +246,28 @@ def average_increased_perplexity(matrix: Sequence[Sequence[float]], t: int) -> f
     return math.fsum(increases) / (t - 1)
 
 
-@dataclass
-class PerplexityMatrix:
-    """PPL_{t,i} accumulated stage by stage; stages are 1-based, domain i is the one trained at stage i.
+def ppl_frame(domains: Sequence[str], rows: Sequence[Mapping[str, float]]) -> pd.DataFrame:
+    """The stage × domain perplexity table of a lifelong record, with AP and AP+ per stage, as a DataFrame.
 
-    `domains` fixes the stage order up front; left empty, each stage's new domain is registered on
-    first use (it must then appear first at its own stage, which keeps the matrix lower-triangular).
-    Recording a (stage, domain) pair again overwrites it (a re-evaluated stage).
+    `rows[t]` maps domain → perplexity after stage t + 1 (a stage record's `ppl_matrix`) and `domains[t]` is the
+    domain trained at stage t + 1. Index `stage` (1-based); columns `domain`, one per domain (NaN where not
+    measured), `AP` over the seen domains measured and `AP+` over the earlier domains measured both at that
+    stage and at their own (NaN at stage 1). The Prefect table artifact and the MLflow table are built from it.
     """
+    import pandas as pd
 
-    domains: list[str] = field(default_factory=list)
-    values: dict[int, dict[str, float]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.domains = list(self.domains)
-        for i, domain in enumerate(self.domains):
-            self._check_domain_name(f"domains[{i}]", domain)
-        if len(set(self.domains)) != len(self.domains):
-            raise ValueError(f"domains={self.domains} repeats a domain; each stage trains a new one")
-        recorded, self.values = self.values, {}
-        for stage, row in recorded.items():
-            for domain, ppl in row.items():
-                self.record(int(stage), domain, ppl)
-
-    @staticmethod
-    def _check_domain_name(name: str, domain: Any) -> None:
-        if not isinstance(domain, str) or not domain:
-            raise ValueError(f"{name}={domain!r} must be a non-empty str")
-        if domain in TABLE_KEYS:
-            raise ValueError(f"{name}={domain!r} is reserved for a table column; not allowed: {list(TABLE_KEYS)}")
-
-    def record(self, stage: int, domain: str, ppl: float) -> None:
-        """Store PPL_{stage, domain}: perplexity on `domain` after training `stage` (1-based)."""
-        if isinstance(stage, bool) or not isinstance(stage, int) or stage < 1:
-            raise ValueError(f"stage={stage!r} must be an int >= 1 (stages are 1-based, as in AP_t)")
-        self._check_domain_name("domain", domain)
-        ppl = _check_ppl("ppl", ppl)
-        if domain not in self.domains:
-            if stage != len(self.domains) + 1:
-                raise ValueError(
-                    f"domain={domain!r} is unknown; a new domain can only be recorded at its own stage "
-                    f"{len(self.domains) + 1}, not stage {stage} (known: {self.domains})"
-                )
-            self.domains.append(domain)
-        first = self.domains.index(domain) + 1
-        if first > stage:
-            raise ValueError(
-                f"domain={domain!r} is trained at stage {first}; PPL at stage {stage} lies above the diagonal"
-            )
-        row = self.values.setdefault(stage, {})
-        if domain in row:
-            logger.info("PPL at stage %d on %s overwritten: %.4f -> %.4f", stage, domain, row[domain], ppl)
-        row[domain] = ppl
-
-    def get(self, stage: int, domain: str) -> float | None:
-        """PPL_{stage, domain}, or None when not recorded."""
-        return self.values.get(stage, {}).get(domain)
-
-    @property
-    def stages(self) -> list[int]:
-        """Stages with at least one recorded value, ascending."""
-        return sorted(self.values)
-
-    def row(self, t: int) -> list[float]:
-        """PPL_{t,1..t}; ValueError naming what is missing."""
-        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
-            raise ValueError(f"t={t!r} must be an int >= 1 (1-based stage)")
-        if len(self.domains) < t:
-            raise ValueError(f"stage {t} has no domain yet (known domains: {self.domains})")
-        missing = [d for d in self.domains[:t] if self.get(t, d) is None]
-        if missing:
-            raise ValueError(f"stage {t} lacks PPL on domain(s) {missing}")
-        return [self.values[t][d] for d in self.domains[:t]]
-
-    def matrix(self, t: int) -> list[list[float]]:
-        """Lower-triangular rows 1..t (0-based lists, as `average_increased_perplexity` takes)."""
-        return [self.row(s) for s in range(1, t + 1)]
-
-    def ap(self, t: int) -> float:
-        """AP_t (see `average_perplexity`)."""
-        return average_perplexity(self.row(t))
-
-    def ap_plus(self, t: int) -> float | None:
-        """AP+_t (see `average_increased_perplexity`); None for t = 1."""
-        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
-            raise ValueError(f"t={t!r} must be an int >= 1 (1-based stage)")
-        if t == 1:
-            return None
-        row = self.row(t)
-        missing = [s for s in range(1, t) if self.get(s, self.domains[s - 1]) is None]
-        if missing:
-            raise ValueError(f"AP+ at stage {t} needs each earlier domain's PPL at its own stage; missing: {missing}")
-        increases = [row[i] - self.values[i + 1][self.domains[i]] for i in range(t - 1)]
-        return math.fsum(increases) / (t - 1)
-
-    def table(self) -> list[dict[str, Any]]:
-        """One row per recorded stage: {"stage": t, <domain>: PPL_{t,domain}..., "AP": …, "AP+": …}.
-
-        AP / AP+ are None where the row (or an earlier diagonal entry) is incomplete.
-        """
-        rows = []
-        for t in self.stages:
-            entry: dict[str, Any] = {"stage": t}
-            entry.update({d: self.values[t][d] for d in self.domains if d in self.values[t]})
-            try:
-                entry["AP"] = self.ap(t)
-            except ValueError:
-                entry["AP"] = None
-            try:
-                entry["AP+"] = self.ap_plus(t)
-            except ValueError:
-                entry["AP+"] = None
-            rows.append(entry)
-        return rows
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "domains": list(self.domains),
-            "ppl": {str(t): dict(self.values[t]) for t in self.stages},
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PerplexityMatrix:
-        if not isinstance(data, Mapping):
-            raise ValueError(f"PerplexityMatrix data must be a mapping, got {type(data).__name__}")
-        unknown = sorted(set(data) - {"domains", "ppl"})
-        if unknown:
-            raise ValueError(f"PerplexityMatrix: unknown key(s) {unknown}; allowed: domains, ppl")
-        ppl = data.get("ppl", {})
-        if not isinstance(ppl, Mapping):
-            raise ValueError("PerplexityMatrix.ppl must map stage -> {domain: ppl}")
-        values: dict[int, dict[str, float]] = {}
-        for key, row in ppl.items():
-            try:
-                stage = int(key)
-            except (TypeError, ValueError):
-                raise ValueError(f"PerplexityMatrix.ppl key {key!r} must be a stage number") from None
-            if not isinstance(row, Mapping):
-                raise ValueError(f"PerplexityMatrix.ppl[{key!r}] must map domain -> ppl")
-            values[stage] = dict(row)
-        return cls(domains=list(data.get("domains", [])), values=dict(sorted(values.items())))
-
-    def to_json(self, **kwargs: Any) -> str:
-        """JSON text {"domains": [...], "ppl": {"<stage>": {"<domain>": ppl}}}; kwargs go to json.dumps."""
-        return json.dumps(self.to_dict(), **kwargs)
-
-    @classmethod
-    def from_json(cls, text: str) -> PerplexityMatrix:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"PerplexityMatrix JSON is invalid: {err}") from None
-        return cls.from_dict(data)
+    rows = [dict(row) for row in rows]
+    ap, ap_plus = [], []
+    for t, row in enumerate(rows):  # a domain may arrive again (a new batch): it then counts once per stage
+        seen = [row[d] for d in domains[: t + 1] if d in row]
+        rises = [row[d] - rows[s][d] for s, d in enumerate(domains[:t]) if d in row and d in rows[s]]
+        ap.append(average_perplexity(seen) if seen else math.nan)
+        ap_plus.append(math.fsum(rises) / len(rises) if rises else math.nan)
+    frame = pd.DataFrame(rows, columns=list(dict.fromkeys(domains)), dtype=float)
+    frame = frame.assign(AP=ap, **{"AP+": ap_plus})
+    frame.insert(0, "domain", list(domains[: len(rows)]) + [None] * (len(rows) - len(domains)))
+    frame.index = pd.RangeIndex(1, len(rows) + 1, name="stage")
+    return frame
 
 
 # --------------------------------------------------------------------------- growth check
@@ -420,11 +291,86 @@ def max_abs_logit_diff(old: nn.Module, new: nn.Module, input_ids: torch.Tensor, 
     return float((outputs[0] - outputs[1].to(outputs[0].device)).abs().max())
 
 
+# --------------------------------------------------------------------------- classification
+# scikit-learn's definitions, without the dependency (tests/test_downstream.py compares them).
+
+
+def _check_pair(y_true: Sequence[Hashable], y_pred: Sequence[Hashable]) -> None:
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"y_true has {len(y_true)} items but y_pred has {len(y_pred)}")
+    if len(y_true) == 0:
+        raise ValueError("no examples to score")
+
+
+def _per_label(
+    y_true: Sequence[Hashable], y_pred: Sequence[Hashable], labels: Sequence[Hashable]
+) -> list[tuple[int, int, int]]:
+    """(true positives, false positives, false negatives) for each label."""
+    tp, fp, fn = Counter(), Counter(), Counter()
+    for t, p in zip(y_true, y_pred, strict=True):
+        if t == p:
+            tp[t] += 1
+        else:
+            fp[p] += 1
+            fn[t] += 1
+    return [(tp[label], fp[label], fn[label]) for label in labels]
+
+
+def _f1(tp: int, fp: int, fn: int) -> float:
+    denominator = 2 * tp + fp + fn
+    return 2 * tp / denominator if denominator else 0.0
+
+
+def accuracy(y_true: Sequence[Hashable], y_pred: Sequence[Hashable]) -> float:
+    """Share of exact matches."""
+    _check_pair(y_true, y_pred)
+    return sum(t == p for t, p in zip(y_true, y_pred, strict=True)) / len(y_true)
+
+
+def micro_f1(y_true: Sequence[Hashable], y_pred: Sequence[Hashable], labels: Sequence[Hashable] | None = None) -> float:
+    """F1 of the true / false positives and false negatives summed over `labels`.
+
+    As sklearn's `f1_score(average="micro", labels=...)`. Over all labels (the default: every label in
+    y_true or y_pred) this equals accuracy for single-label classification; a subset of labels
+    (e.g. without a "no relation" class) makes it differ. 0 when there is nothing to count.
+    """
+    _check_pair(y_true, y_pred)
+    chosen = sorted(set(y_true) | set(y_pred), key=str) if labels is None else list(labels)
+    counts = _per_label(y_true, y_pred, chosen)
+    return _f1(sum(c[0] for c in counts), sum(c[1] for c in counts), sum(c[2] for c in counts))
+
+
+def macro_f1(y_true: Sequence[Hashable], y_pred: Sequence[Hashable], labels: Sequence[Hashable] | None = None) -> float:
+    """Unweighted mean over `labels` of each label's F1 = 2·TP / (2·TP + FP + FN).
+
+    As sklearn's `f1_score(average="macro", labels=..., zero_division=0)`: a label with no true and
+    no predicted example scores 0 and still counts in the mean (so passing the full label set
+    penalises a test set that lacks a label); default labels: every label in y_true or y_pred.
+    """
+    _check_pair(y_true, y_pred)
+    chosen = sorted(set(y_true) | set(y_pred), key=str) if labels is None else list(labels)
+    if not chosen:
+        raise ValueError("labels is empty")
+    return sum(_f1(*c) for c in _per_label(y_true, y_pred, chosen)) / len(chosen)
+
+
+# The downstream tasks' metrics by catalogue name (DSP's conventions, see loire/tasks/dsp.yaml).
+CLASSIFICATION_METRICS: dict[str, Callable[..., float]] = {
+    "accuracy": accuracy,
+    "micro_f1": micro_f1,
+    "macro_f1": macro_f1,
+}
+
+
 __all__ = [
+    "CLASSIFICATION_METRICS",
     "PAD",
-    "PerplexityMatrix",
+    "accuracy",
     "average_increased_perplexity",
     "average_perplexity",
+    "macro_f1",
     "max_abs_logit_diff",
+    "micro_f1",
     "perplexity",
+    "ppl_frame",
 ]

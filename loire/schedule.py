@@ -50,12 +50,12 @@ from typing import Any, NoReturn
 import yaml
 
 from loire.config import LAMBDA_MODES, PRESETS, LoireConfig, preset
+from loire.domains import DOMAINS  # ELLE's domain stream, in order
 from loire.grow import OPERATORS
 
 logger = logging.getLogger(__name__)
 
 DIMENSIONS: tuple[str, ...] = tuple(OPERATORS)  # hidden, ffn, heads, layers
-DOMAINS: tuple[str, ...] = ("WB", "NEWS", "REV", "BIO", "CS")  # ELLE's domain stream, in order
 
 _STAGE_REQUIRED = ("domain", "steps", "lr", "batch_size", "block_size")
 _STAGE_DEFAULTS: dict[str, Any] = {

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-DOMAINS = ("WB", "NEWS", "REV", "BIO", "CS")
+from loire.domains import DOMAINS
 
 # Per domain: three sub-topics (the downstream labels), each with its own content words.
 _TOPICS: dict[str, dict[str, list[str]]] = {

@@ -21,13 +21,15 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from loire.domains import DOMAINS
+
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
 MASK_TOKEN = "<mask>"
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN, MASK_TOKEN)
-DOMAIN_TOKENS = ("<WB>", "<NEWS>", "<REV>", "<BIO>", "<CS>")
+DOMAIN_TOKENS = tuple(f"<{domain}>" for domain in DOMAINS)
 # Special tokens take the first ids, in this order: <|endoftext|>=0, <pad>=1, <mask>=2, <WB>=3, ...
 _ALL_SPECIAL = SPECIAL_TOKENS + DOMAIN_TOKENS
 _BYTES = 256

@@ -11,9 +11,6 @@ import torch
 import loire
 from loire import LoireConfig, LoireForCausalLM, LoireForMaskedLM, LoireForSequenceClassification
 from loire.model import LoireNorm, LoirePreTrainedModel
-from tests.flows.servers_aws import *  # noqa: F403  (moto S3/SQS server fixtures)
-from tests.flows.servers_mlflow import *  # noqa: F403  (mlflow server fixture)
-from tests.flows.servers_prefect import *  # noqa: F403  (Prefect server fixture)
 
 FAMILIES = ("gpt-tiny", "bert-tiny", "llama-tiny")
 HEADS = (LoireForCausalLM, LoireForMaskedLM, LoireForSequenceClassification)

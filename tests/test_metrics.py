@@ -15,11 +15,11 @@ from loire import LoireForCausalLM, LoireForMaskedLM, LoireModel
 from loire.grow import grow
 from loire.metrics import (
     PAD,
-    PerplexityMatrix,
     average_increased_perplexity,
     average_perplexity,
     max_abs_logit_diff,
     perplexity,
+    ppl_frame,
 )
 from tests.conftest import build, tiny_config
 
@@ -65,48 +65,19 @@ def test_ap_errors_name_the_argument(call, match: str) -> None:
         call()
 
 
-def test_perplexity_matrix_accumulates_and_round_trips() -> None:
-    pm = PerplexityMatrix()
+def test_ppl_frame_has_ap_and_ap_plus_per_stage() -> None:
     domains = ["WB", "NEWS", "REV"]
-    for s, row in enumerate(MATRIX):
-        for i, ppl in enumerate(row):
-            pm.record(s + 1, domains[i], ppl)
-    assert pm.domains == domains
-    assert pm.stages == [1, 2, 3]
-    for t in (1, 2, 3):
-        assert pm.ap(t) == pytest.approx(AP[t - 1], rel=1e-14)
-        assert pm.ap_plus(t) == (None if t == 1 else pytest.approx(AP_PLUS[t - 1], rel=1e-14))
-    assert pm.matrix(3) == MATRIX
-    table = pm.table()
-    assert [row["stage"] for row in table] == [1, 2, 3]
-    assert table[2] == {"stage": 3, "WB": 15.0, "NEWS": 9.0, "REV": 6.0, "AP": pytest.approx(AP[2]), "AP+": 3.0}
-    assert table[0]["AP+"] is None
-    again = PerplexityMatrix.from_json(pm.to_json())
-    assert again == pm
-    assert again.table() == table
+    frame = ppl_frame(domains, [dict(zip(domains, row, strict=False)) for row in MATRIX])
+    assert list(frame.columns) == ["domain", *domains, "AP", "AP+"] and list(frame.index) == [1, 2, 3]
+    assert list(frame["domain"]) == domains
+    assert frame["AP"].tolist() == pytest.approx(AP, rel=1e-12)
+    assert math.isnan(frame.loc[1, "AP+"]) and frame["AP+"].tolist()[1:] == pytest.approx(AP_PLUS[1:], rel=1e-12)
+    assert math.isnan(frame.loc[1, "NEWS"])  # above the diagonal
 
 
-def test_perplexity_matrix_incomplete_rows_and_bad_records() -> None:
-    pm = PerplexityMatrix(domains=["WB", "NEWS"])
-    pm.record(2, "NEWS", 8.0)
-    assert pm.table() == [{"stage": 2, "NEWS": 8.0, "AP": None, "AP+": None}]
-    with pytest.raises(ValueError, match="lacks PPL on domain"):
-        pm.ap(2)
-    with pytest.raises(ValueError, match="above the diagonal"):
-        pm.record(1, "NEWS", 3.0)
-    with pytest.raises(ValueError, match="stage=0"):
-        pm.record(0, "WB", 3.0)
-    with pytest.raises(ValueError, match="ppl="):
-        pm.record(1, "WB", -1.0)
-    with pytest.raises(ValueError, match="reserved"):
-        pm.record(3, "AP", 3.0)
-    with pytest.raises(ValueError, match="only be recorded at its own stage 3"):
-        pm.record(4, "REV", 3.0)
-    pm.record(2, "WB", 11.0)
-    with pytest.raises(ValueError, match=r"missing: \[1\]"):
-        pm.ap_plus(2)
-    with pytest.raises(ValueError, match="unknown key"):
-        PerplexityMatrix.from_dict({"domains": [], "rows": {}})
+def test_ppl_frame_skips_what_was_not_measured() -> None:
+    frame = ppl_frame(["WB", "NEWS"], [{"WB": 10.0}, {"NEWS": 8.0}])
+    assert frame.loc[2, "AP"] == pytest.approx(8.0) and math.isnan(frame.loc[2, "AP+"])
 
 
 # --------------------------------------------------------------------------- perplexity

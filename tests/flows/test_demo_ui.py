@@ -33,13 +33,13 @@ from typing import Any
 
 import pytest
 
+from loire.domains import DOMAINS
 from tests.flows.processes import stop_process_group
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 SHOTS = REPO / "test-artifacts" / "ui"
-DOMAINS = ("WB", "NEWS", "REV", "BIO", "CS")
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",

@@ -299,7 +299,7 @@ def test_image_pins_torch_first_and_runs_unprivileged() -> None:
     assert "FROM ${PYTHON_IMAGE}" in dockerfile and "ARG PYTHON_IMAGE=python:3.11-slim" in dockerfile
     assert "ARG TORCH_VERSION=2.13.0" in dockerfile
     assert 'EXTRA_PACKAGES="psycopg[binary]"' in dockerfile  # the driver of MLFLOW_BACKEND_STORE_URI
-    assert dockerfile.index('"torch==${TORCH_VERSION}"') < dockerfile.index('pip install ".[s3]"')
+    assert dockerfile.index('"torch==${TORCH_VERSION}"') < dockerfile.index('pip install ".[pipeline,s3]"')
     assert re.search(r"^USER loire$", dockerfile, re.MULTILINE)
     assert f"LOIRE_WORK_DIR={WORK_DIR}" in dockerfile
     ignored = (INFRA / "Dockerfile.dockerignore").read_text().split()

@@ -32,8 +32,8 @@ from flows.tracking import (
     dataset_digest,
     flatten_params,
     is_retryable,
-    render_lineage,
 )
+from loire.cli import render_lineage
 from loire.grow import grow
 from loire.io import load_model
 from loire.lifelong import read_stage
