@@ -29,10 +29,11 @@ from loire.config import LoireConfig
 from loire.data import Corpus, encode_corpus, load_corpus
 from loire.distill import DistillConfig
 from loire.grow import grow
+from loire.grow.vocab import grow_vocab
 from loire.io import load_model, publish_dir
 from loire.metrics import average_increased_perplexity, average_perplexity, max_abs_logit_diff, perplexity
 from loire.model import LoireForCausalLM, LoireForMaskedLM, LoirePreTrainedModel, num_parameters
-from loire.schedule import Schedule, StageSpec, schedule_preset
+from loire.schedule import Schedule, StageSpec, resolve_growth, schedule_preset
 from loire.strategies import Strategy, elle_expand, get_strategy, naive_expand
 from loire.tokenizer import DOMAIN_TOKENS, load_tokenizer, train_tokenizer
 from loire.train import OnLog, TrainConfig, train
@@ -102,11 +103,11 @@ CHECKPOINTS_PER_STAGE = 4
 class StagePlan:
     """What stage comes next, decided from the parent's record and the schedule before anything is loaded.
 
-    `stage` is t (1-based), `spec` the schedule's stage t (the last one past the schedule's end), `seed`
-    the stage's seed, `steps` its optimizer steps (`retrain`: t × the spec's), `growth` the spec's growth
-    targets when this stage grows (empty otherwise), `teacher_dirs` the earlier stage models distilled
-    from with their positions in the lineage (`teacher_indices`), and `distill_window` the distillation
-    steps.
+    `stage` is t (1-based; an imported base model is stage 0), `spec` the schedule's stage t (the last one
+    past the schedule's end), `seed` the stage's seed, `steps` its optimizer steps (`retrain`: t × the
+    spec's), `growth` the spec's growth targets when this stage grows (empty otherwise; relative targets are
+    resolved against the parent model), `teacher_dirs` the earlier stage models distilled from with their
+    positions in the lineage (`teacher_indices`), and `distill_window` the distillation steps.
     """
 
     stage: int
@@ -143,7 +144,7 @@ def plan_stage(
     """The plan of the stage that follows `parent` (a stage folder or its record; None: the first stage).
 
     `steps` overrides the spec's optimizer steps; `teachers` replaces the teachers' folders recorded in
-    the lineage (a pipeline passes local downloads).
+    the lineage (a pipeline passes local downloads; a base model at their head, stage 0, is not a teacher).
     """
     strat = get_strategy(strategy) if isinstance(strategy, str) else strategy
     sched = schedule_preset(schedule) if isinstance(schedule, str) else schedule
@@ -261,6 +262,10 @@ def _load_data(plan: StagePlan, corpus: str, parent, tokenizer: str | None) -> t
         tok = load_tokenizer(tokenizer)
     else:
         tok = train_tokenizer(list(data.train), vocab_size=plan.schedule.tokenizer_vocab_size)
+    missing = [t for t in DOMAIN_TOKENS if t not in tok.get_vocab()] if plan.strategy.domain_prompts else []
+    if missing:  # a base model's own tokenizer: ELLE's prompt tokens join its vocabulary (see _stage_model)
+        tok.add_tokens(missing, special_tokens=True)
+        logger.info("added the domain prompt tokens %s to the tokenizer", missing)
     return data, tok, _blocks(data, "train", tok, plan.spec, plan.spec.max_train_tokens)
 
 
@@ -272,7 +277,14 @@ def _stage_model(
     if parent is None or strat.from_scratch:
         return _new_model(_initial_config(plan.schedule, strat, len(tok), tok), plan.seed), {}, None
     previous = load_model(parent)
-    targets = dict(plan.growth)
+    if len(tok) > previous.config.vocab_size:  # prompt tokens added to a base's tokenizer: exact row growth
+        previous = grow_vocab(previous, len(tok))
+    if spec.block_size > previous.config.max_position_embeddings:
+        raise ValueError(
+            f"{_spec_path(plan)}.block_size: {spec.block_size} exceeds the parent model's "
+            f"max_position_embeddings ({previous.config.max_position_embeddings})"
+        )
+    targets = resolve_growth(plan.growth, previous.config, f"{_spec_path(plan)}.grow")
     if not targets:
         return previous, targets, None
     probe = train_blocks[:GROWTH_PROBE_BLOCKS, : min(GROWTH_PROBE_TOKENS, spec.block_size)]
@@ -285,6 +297,11 @@ def _stage_model(
     growth_diff = max_abs_logit_diff(previous, model, probe)
     logger.info("stage %d: grew %s, max |Δlogits| %.3g", plan.stage, targets, growth_diff)
     return model, targets, growth_diff
+
+
+def _spec_path(plan: StagePlan) -> str:
+    """How validation errors name this stage's spec in the schedule."""
+    return f"stages[{min(plan.stage, len(plan.schedule.stages)) - 1}]"
 
 
 def _earlier_data(plan: StagePlan, domain: str, where: Mapping[str, str], tok, train_blocks: torch.Tensor) -> _Earlier:
@@ -413,6 +430,7 @@ def _stage_record(
     distill: DistillConfig | None,
     trained: _Trained,
     ppl: dict[str, float],
+    ppl_init: dict[str, float] | None,
     fsdp: bool,
     started: float,
 ) -> dict[str, Any]:
@@ -485,6 +503,11 @@ def _stage_record(
             "history": result.history,
         },
     }
+    # Optional fields, present only when they apply (older records stay field-for-field the same).
+    if parent_record is not None and parent_record.get("base") is not None:
+        record["base"] = parent_record["base"]
+    if ppl_init is not None:
+        record["ppl_init"] = ppl_init
     return record
 
 
@@ -508,12 +531,16 @@ def run_stage(
     on_log: OnLog | None = None,
     progress: bool = True,
     fsdp: bool = False,
+    eval_init: bool = False,
 ) -> StageResult:
     """Run one lifelong stage and write its folder to `out_dir` (see the module docstring).
 
     `corpus` is where the new domain's data is read; `source_uri` (default: `corpus`) is the URI recorded in
     the lineage, e.g. the s3:// batch a pipeline copied to a local cache. Earlier domains are read from
     `earlier_corpora[domain]` when given, else from the `corpus_uri` their lineage entry recorded.
+    `parent` may be a stage-0 folder written by `loire.base.import_base` (an imported HF checkpoint).
+    `eval_init` also measures every seen domain's perplexity right after growth, before training
+    (`ppl_init` in the record: the "init" row of the paper's LOIRE-Bert table).
     """
     started = time.perf_counter()
     out = Path(out_dir)
@@ -526,6 +553,7 @@ def run_stage(
     model, targets, growth_diff = _stage_model(plan, parent, tok, train_blocks)
     earlier = _earlier_data(plan, domain, earlier_corpora or {}, tok, train_blocks)
     teacher_models, distill = _teachers(plan)
+    ppl_init = _evaluate(model, plan, domain, data, earlier, tok, max_eval_blocks) if eval_init else None
     trained = _train_stage(
         plan,
         model,
@@ -558,6 +586,7 @@ def run_stage(
         distill=distill,
         trained=trained,
         ppl=ppl,
+        ppl_init=ppl_init,
         fsdp=fsdp,
         started=started,
     )
@@ -628,11 +657,15 @@ def run_lifelong(
     max_eval_blocks: int = 32,
     on_log: OnLog | None = None,
     progress: bool = True,
+    base: str | os.PathLike[str] | None = None,
+    eval_init: bool = False,
 ) -> dict[str, Any]:
     """All stages of one strategy over `domains`; writes `lifelong.json` and `ppl.png` to `out_dir`.
 
     `seed` (default: the schedule's) replaces the schedule's seed, which seeds the start model, growth,
-    data order and replay draws; `max_eval_blocks` caps each domain's validation blocks.
+    data order and replay draws; `max_eval_blocks` caps each domain's validation blocks. `base`, a local
+    HF checkpoint folder, is imported as stage 0 (`out_dir/stage-0-base`, `loire.base.import_base`) and the
+    first stage grows from it; `eval_init` adds each stage's perplexities right after growth (`ppl_init`).
     """
     if not domains:
         raise ValueError("domains: at least one domain is needed")
@@ -643,6 +676,12 @@ def run_lifelong(
     out = Path(out_dir)
     uris = {d: corpus_uri(corpora, d) for d in domains}  # fail early on a missing domain
     parent: Path | None = None
+    base_record: dict[str, Any] | None = None
+    if base is not None:
+        from loire.base import import_base
+
+        parent = out / "stage-0-base"
+        base_record = import_base(base, parent)["base"]
     stages = []
     for index, domain in enumerate(domains, start=1):
         stage_dir = out / f"stage-{index}-{domain}"
@@ -658,6 +697,7 @@ def run_lifelong(
             max_eval_blocks=max_eval_blocks,
             on_log=on_log,
             progress=progress,
+            eval_init=eval_init,
         )
         stages.append(
             {
@@ -671,6 +711,7 @@ def run_lifelong(
                 "wall_time_s": result.wall_time_s,
                 "growth_max_abs_logit_diff": result.growth_max_abs_logit_diff,
                 "dims": result.record["dims"],
+                **({"ppl_init": result.record["ppl_init"]} if "ppl_init" in result.record else {}),
             }
         )
         parent = stage_dir
@@ -682,6 +723,8 @@ def run_lifelong(
         "total_flops": stages[-1]["cumulative_flops"],
         "total_wall_time_s": sum(s["wall_time_s"] for s in stages),
     }
+    if base_record is not None:
+        summary["base"] = base_record
     (out / "lifelong.json").write_text(json.dumps(summary, indent=2))
     plot_ppl(summary, out / "ppl.png")
     return summary
