@@ -566,8 +566,6 @@ SCHEDULES: dict[str, Schedule] = {
     # The `long` benchmark budget (bench/lifelong.py --budget long): 1000 + 4 x 750 steps.
     "gpt-tiny-long": _tiny_long_ladder(),
     "bert-tiny": _tiny_ladder("bert-tiny"),
-    # Any base model (GPT-2, BERT, Llama) grown in LOIRE's order by relative targets (see _FROM_BASE_GROWTH).
-    "from-base": _from_base_ladder(),
     # CPU, seconds per stage: the same ladder at a quarter of the width, for `loire demo --quick` and tests.
     "gpt-micro": _ladder(
         "gpt-tiny",
@@ -602,11 +600,20 @@ SCHEDULES: dict[str, Schedule] = {
 }
 
 
+# Presets whose growth is relative to an imported base model (`loire lifelong --base`): every stage grows,
+# the first one included, since the base is stage 0 (the absolute ladders above start with M1 instead).
+BASE_SCHEDULES: dict[str, Schedule] = {
+    # Any base model (GPT-2, BERT, Llama) grown in LOIRE's order by relative targets (see _FROM_BASE_GROWTH).
+    "from-base": _from_base_ladder(),
+}
+
+
 def schedule_preset(name: str, domains: Sequence[str] | None = None) -> Schedule:
     """A preset schedule, optionally with its stages' domains renamed (same count, in order)."""
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule preset {name!r}; allowed: {', '.join(SCHEDULES)}")
-    schedule = SCHEDULES[name]
+    presets = {**SCHEDULES, **BASE_SCHEDULES}
+    if name not in presets:
+        raise ValueError(f"unknown schedule preset {name!r}; allowed: {', '.join(presets)}")
+    schedule = presets[name]
     if domains is None:
         return schedule
     if isinstance(domains, (str, bytes)) or not isinstance(domains, Sequence) or len(domains) != len(schedule):
@@ -616,6 +623,7 @@ def schedule_preset(name: str, domains: Sequence[str] | None = None) -> Schedule
 
 
 __all__ = [
+    "BASE_SCHEDULES",
     "DIMENSIONS",
     "DOMAINS",
     "SCHEDULES",
