@@ -48,12 +48,13 @@ from flows.landing import Arrival, fetch_batch, fetch_uri
 from flows.redact import redact
 from flows.registry import Tracker
 from flows.retry import RetryPolicy, retry_condition
-from flows.settings import PipelineSettings, load_settings
+from flows.settings import PipelineSettings, load_settings, resolve_schedule
 from flows.train import train_stage
 from loire.data import load_corpus
-from loire.lifelong import read_stage
+from loire.lifelong import plan_stage, read_stage, stage_spec
 from loire.metrics import ppl_frame
 from loire.promotion import Gates
+from loire.schedule import Schedule
 
 IO_RETRIES = dict(
     retries=3,
@@ -160,7 +161,7 @@ def log_stage(settings: PipelineSettings, run_id: str, out_dir: str, plot: str |
     record = read_stage(out_dir)
     tracker = _tracker(settings)
     tracker.log_stage_metrics(run_id, record, plot=plot)
-    schedule = record["schedule"]["stages"][min(record["stage"], len(record["schedule"]["stages"])) - 1]
+    schedule = stage_spec(Schedule.from_dict(record["schedule"]), record["stage"]).to_dict()
     tracker.log_params(
         run_id,
         {
@@ -371,7 +372,7 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
     corpus_dir = fetch_corpus(cfg, arrival)
     validate_corpus(corpus_dir, arr.batch_uri)
     earlier = fetch_earlier(cfg, parent["parent_dir"])
-    stage = 1 if parent["parent_dir"] is None else int(read_stage(parent["parent_dir"])["stage"]) + 1
+    stage = plan_stage(resolve_schedule(cfg.schedule), cfg.strategy, parent["parent_dir"], steps=cfg.steps).stage
     run_id = start_run(cfg, arr, stage, parent["version"])
 
     try:

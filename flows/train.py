@@ -34,7 +34,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.settings import resolve_schedule
 from loire.launch import launch_stage, visible_devices
-from loire.lifelong import STAGE_FILE, checkpoint_dir, read_stage, run_stage
+from loire.lifelong import STAGE_FILE, checkpoint_dir, plan_stage, read_stage, run_stage
 from loire.train import OnLog, TrainingDiverged
 
 
@@ -128,11 +128,10 @@ def train_stage(
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)  # left by a process killed after publishing
         return stage_summary(read_stage(out), out_dir)
     sched = resolve_schedule(schedule)  # a preset name or a schedule YAML file
-    stage_index = 1 if parent_dir is None else int(read_stage(parent_dir)["stage"]) + 1
-    spec = sched.stages[min(stage_index, len(sched.stages)) - 1]
-    total = steps if steps is not None else spec.steps
+    plan = plan_stage(sched, strategy, parent_dir, steps=steps)
+    total = plan.steps
     logger.info(
-        "training stage %d (%s) from %s, %d steps, strategy %s", stage_index, domain, parent_dir, total, strategy
+        "training stage %d (%s) from %s, %d steps, strategy %s", plan.stage, domain, parent_dir, total, strategy
     )
     metrics = _tracker_callback(mlflow_run_id, tracking_uri)
     workers = nproc or visible_devices(device)

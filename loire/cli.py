@@ -170,6 +170,22 @@ def _schedule(preset: str, schedule_file: Path | None):
     return Schedule.from_yaml(schedule_file) if schedule_file is not None else schedule_preset(preset)
 
 
+def _import_base(base: Path, dst: Path) -> Path:
+    """Import a HF checkpoint as a stage-0 folder (rank 0 under torchrun; the others wait for it)."""
+    from loire import distributed
+    from loire.base import check_base, import_base
+
+    check_base(base)  # every rank refuses a bad base the same way, before any waiting
+    if distributed.is_main():
+        record = import_base(base, dst)
+        console.print(
+            f"base {base} ({record['base']['architecture']}) imported as stage 0 at {dst}; "
+            f"max |Δlogits| {record['base']['import_max_abs_logit_diff']:.3g}"
+        )
+    distributed.barrier()
+    return dst
+
+
 def _log_to_console(metrics: dict[str, float], step: int) -> None:
     logging.getLogger("loire.train").info(
         "step %d loss %.4f kd %.4f lr %.2e tok/s %.0f",
@@ -188,7 +204,13 @@ def train_stage_command(
     corpus: Annotated[str, typer.Option(help="Corpus folder, file or s3:// prefix.")],
     out: Annotated[Path, typer.Option(help="Stage folder to write (replaced only when complete).")],
     parent: Annotated[Path | None, typer.Option(help="The previous stage's folder (none: first stage).")] = None,
-    preset: Annotated[str, typer.Option(help="Schedule preset.")] = "gpt-tiny",
+    base: Annotated[
+        Path | None,
+        typer.Option(help="First stage only: a HF GPT-2/BERT/Llama folder (safetensors + tokenizer) to grow from."),
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Schedule preset (default gpt-tiny; from-base with --base).")
+    ] = None,
     schedule: Annotated[Path | None, typer.Option(help="Schedule YAML (overrides --preset).")] = None,
     strategy: Annotated[
         str, typer.Option(help="loire, loire-er, fixed-small, fixed-large, retrain, token-kd, replay, elle.")
@@ -200,17 +222,22 @@ def train_stage_command(
 ) -> None:
     """Grow the parent by the schedule, train on the new corpus, evaluate every seen domain.
 
-    Runs as is under `torchrun --nproc_per_node=N` (rank 0 writes the folder and prints)."""
+    Runs as is under `torchrun --nproc_per_node=N` (rank 0 writes the folder and prints). With --base the
+    checkpoint is imported as stage 0 into OUT's sibling `stage-0-base` and the stage grows from it."""
     from loire import distributed
     from loire.lifelong import run_stage
 
+    if base is not None:
+        if parent is not None:
+            raise ValueError("--base starts a chain and --parent continues one: give only one of them")
+        parent = _import_base(base, out.parent / "stage-0-base")
     try:
         result = run_stage(
             domain,
             corpus,
             out,
             parent=parent,
-            schedule=_schedule(preset, schedule),
+            schedule=_schedule(preset or ("from-base" if base is not None else "gpt-tiny"), schedule),
             strategy=strategy,
             steps=steps,
             resume=resume,
@@ -247,19 +274,41 @@ def lifelong(
     strategy: Annotated[
         str, typer.Option(help="loire, loire-er, fixed-small, fixed-large, retrain, token-kd, replay, elle.")
     ] = "loire",
-    preset: Annotated[str, typer.Option(help="Schedule preset.")] = "gpt-tiny",
+    preset: Annotated[
+        str | None, typer.Option(help="Schedule preset (default gpt-tiny; from-base with --base).")
+    ] = None,
     schedule: Annotated[Path | None, typer.Option(help="Schedule YAML (overrides --preset).")] = None,
     steps: Annotated[int | None, typer.Option(help="Override every stage's optimizer steps.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    base: Annotated[
+        Path | None,
+        typer.Option(help="A HF GPT-2/BERT/Llama folder (safetensors + tokenizer) imported as stage 0 to grow from."),
+    ] = None,
 ) -> None:
-    """Run every stage of a strategy and print the PPL / AP / AP+ table."""
+    """Run every stage of a strategy and print the PPL / AP / AP+ table.
+
+    With --base, each stage is also evaluated right after growth: the init → final table is printed."""
     from loire.lifelong import run_lifelong
 
     names = [d.strip() for d in domains.split(",") if d.strip()]
+    if base is not None:
+        from loire.base import check_base
+
+        check_base(base)  # refuse a bad base before anything is written
     summary = run_lifelong(
-        corpora, names, out, strategy=strategy, schedule=_schedule(preset, schedule), steps=steps, device=device
+        corpora,
+        names,
+        out,
+        strategy=strategy,
+        schedule=_schedule(preset or ("from-base" if base is not None else "gpt-tiny"), schedule),
+        steps=steps,
+        device=device,
+        base=base,
+        eval_init=base is not None,
     )
     console.print(ppl_table(summary))
+    if any("ppl_init" in s for s in summary["stages"]):
+        console.print(init_final_table(summary))
     console.print(f"wrote {out / 'lifelong.json'} and {out / 'ppl.png'}")
 
 
@@ -328,6 +377,25 @@ def downstream_table(results: list[Any], title: str) -> Table:
     if done:
         mean, majority = average_score(done), average_score(done, "majority")
         table.add_row("average", "", "", f"{100 * mean:.1f}", f"{100 * majority:.1f}", "", "")
+    return table
+
+
+def init_final_table(summary: dict[str, Any]) -> Table:
+    """Per stage and domain: perplexity right after growth ("init") and after training ("final"),
+    laid out like the paper's LOIRE-Bert table (pseudo-perplexity for a masked LM)."""
+    base = summary.get("base")
+    title = f"{summary['strategy']}: perplexity init (after growth) → final (after training)"
+    if base is not None:
+        title += f", from base {base['source']}"
+    table = Table(title=title)
+    table.add_column("stage")
+    table.add_column("")
+    for domain in summary["domains"]:
+        table.add_column(domain, justify="right")
+    for s in summary["stages"]:
+        for label, row in (("init", s.get("ppl_init", {})), ("final", s["ppl"])):
+            cells = [f"{row[d]:.2f}" if d in row else "" for d in summary["domains"]]
+            table.add_row(f"{s['stage']} {s['domain']}", label, *cells)
     return table
 
 

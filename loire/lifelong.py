@@ -29,10 +29,11 @@ from loire.config import LoireConfig
 from loire.data import Corpus, encode_corpus, load_corpus
 from loire.distill import DistillConfig
 from loire.grow import grow
+from loire.grow.vocab import grow_vocab
 from loire.io import load_model, publish_dir
 from loire.metrics import average_increased_perplexity, average_perplexity, max_abs_logit_diff, perplexity
 from loire.model import LoireForCausalLM, LoireForMaskedLM, LoirePreTrainedModel, num_parameters
-from loire.schedule import Schedule, StageSpec, schedule_preset
+from loire.schedule import Schedule, StageSpec, resolve_growth, schedule_preset
 from loire.strategies import Strategy, elle_expand, get_strategy, naive_expand
 from loire.tokenizer import DOMAIN_TOKENS, load_tokenizer, train_tokenizer
 from loire.train import OnLog, TrainConfig, train
@@ -79,6 +80,108 @@ def checkpoint_dir(out_dir: str | os.PathLike[str]) -> Path:
     """Where `run_stage` keeps the training checkpoints of the stage folder `out_dir` (a hidden sibling)."""
     out = Path(out_dir)
     return out.parent / f".{out.name}.checkpoints"
+
+
+# ---------------------------------------------------------------------------------------- constants
+# Seeds of successive stages lie this far apart (stage t: seed + 1000·t), so the start model, growth
+# noise, data order and replay draws of one stage never replay another stage's random stream.
+STAGE_SEED_STRIDE = 1000
+# Growth is checked on a short probe: the first two training blocks cut to at most 32 tokens, enough to
+# exercise attention over several positions while keeping the float64 comparison cheap.
+GROWTH_PROBE_BLOCKS = 2
+GROWTH_PROBE_TOKENS = 32
+# Replay memory per earlier domain: a tenth of the new domain's training blocks (at least one batch), so
+# the memory scales with the new data and stays small next to it.
+REPLAY_MEMORY_DIVISOR = 10
+# ELLE's recovery warmup is a short side run whose losses are not reported: a log step never reached.
+NEVER_LOG = 10**9
+# Checkpoints per stage: a crash loses at most a quarter of the stage's steps.
+CHECKPOINTS_PER_STAGE = 4
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What stage comes next, decided from the parent's record and the schedule before anything is loaded.
+
+    `stage` is t (1-based; an imported base model is stage 0), `spec` the schedule's stage t (the last one
+    past the schedule's end), `seed` the stage's seed, `steps` its optimizer steps (`retrain`: t × the
+    spec's), `growth` the spec's growth targets when this stage grows (empty otherwise; relative targets are
+    resolved against the parent model), `teacher_dirs` the earlier stage models distilled from with their
+    positions in the lineage (`teacher_indices`), and `distill_window` the distillation steps.
+    """
+
+    stage: int
+    spec: StageSpec
+    seed: int
+    steps: int
+    strategy: Strategy
+    schedule: Schedule
+    parent_record: dict[str, Any] | None
+    lineage: list[dict[str, Any]]
+    growth: dict[str, Any]
+    teacher_dirs: list[str]
+    teacher_indices: list[int]
+    distill_window: int
+
+    @property
+    def domains(self) -> list[str]:
+        return [entry["domain"] for entry in self.lineage]
+
+
+def stage_spec(schedule: Schedule, stage: int) -> StageSpec:
+    """The schedule's spec of stage `stage` (1-based); stages past the schedule's end reuse the last one."""
+    return schedule.stages[min(stage, len(schedule.stages)) - 1]
+
+
+def plan_stage(
+    schedule: Schedule | str,
+    strategy: Strategy | str = "loire",
+    parent: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    *,
+    steps: int | None = None,
+    teachers: Sequence[str] | None = None,
+) -> StagePlan:
+    """The plan of the stage that follows `parent` (a stage folder or its record; None: the first stage).
+
+    `steps` overrides the spec's optimizer steps; `teachers` replaces the teachers' folders recorded in
+    the lineage (a pipeline passes local downloads; a base model at their head, stage 0, is not a teacher).
+    """
+    strat = get_strategy(strategy) if isinstance(strategy, str) else strategy
+    sched = schedule_preset(schedule) if isinstance(schedule, str) else schedule
+    record = dict(parent) if isinstance(parent, Mapping) else (read_stage(parent) if parent is not None else None)
+    if record is not None and record.get("strategy") is not None and record["strategy"] != strat.name:
+        raise ValueError(f"{parent}: parent stage used strategy {record['strategy']!r}, not {strat.name!r}")
+    t = 1 if record is None else int(record["stage"]) + 1
+    spec = stage_spec(sched, t)
+    lineage: list[dict[str, Any]] = list(record["lineage"]) if record else []
+    stage_steps = steps if steps is not None else spec.steps
+    if strat.from_scratch:
+        stage_steps *= t
+    grows = record is not None and not strat.from_scratch and strat.growth != "none" and t <= len(sched.stages)
+    window = spec.distill_steps if strat.distill_steps is None else min(spec.distill_steps, strat.distill_steps)
+    if strat.distill_fraction is not None:
+        window = min(window, max(1, round(strat.distill_fraction * stage_steps)))
+    dirs: list[str] = []
+    chosen: list[int] = []
+    if strat.distill != "none" and lineage:
+        dirs = list(teachers)[-len(lineage) :] if teachers is not None else [e["model_dir"] for e in lineage]
+        chosen = list(range(len(dirs)))
+        if strat.distill == "previous":
+            dirs, chosen = dirs[-1:], chosen[-1:]
+    return StagePlan(
+        stage=t,
+        spec=spec,
+        seed=sched.seed + STAGE_SEED_STRIDE * t,
+        steps=stage_steps,
+        strategy=strat,
+        schedule=sched,
+        parent_record=record,
+        lineage=lineage,
+        growth=dict(spec.grow) if grows else {},
+        teacher_dirs=dirs,
+        teacher_indices=chosen,
+        distill_window=window,
+    )
 
 
 def domain_prompt_token(domain: str) -> str:
@@ -136,6 +239,278 @@ def _new_model(config: LoireConfig, seed: int) -> LoirePreTrainedModel:
     return (LoireForCausalLM if config.is_causal else LoireForMaskedLM)(config)
 
 
+@dataclass
+class _Earlier:
+    """Data of the domains seen before this stage, and the new domain's training blocks as trained on."""
+
+    corpora: dict[str, Corpus]
+    prompt_ids: dict[str, int]
+    domain_prompts: bool
+    train_blocks: torch.Tensor
+    memory: torch.Tensor | None
+
+    def prompted(self, blocks: torch.Tensor, domain: str) -> torch.Tensor:
+        return _with_prompt(blocks, self.prompt_ids[domain]) if self.domain_prompts else blocks
+
+
+def _load_data(plan: StagePlan, corpus: str, parent, tokenizer: str | None) -> tuple[Corpus, Any, torch.Tensor]:
+    """Step 1: the new domain's corpus, the tokenizer (the parent's, a given one or a new BPE), its blocks."""
+    data = load_corpus(corpus)
+    if parent is not None:
+        tok = load_tokenizer(parent)
+    elif tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    else:
+        tok = train_tokenizer(list(data.train), vocab_size=plan.schedule.tokenizer_vocab_size)
+    missing = [t for t in DOMAIN_TOKENS if t not in tok.get_vocab()] if plan.strategy.domain_prompts else []
+    if missing:  # a base model's own tokenizer: ELLE's prompt tokens join its vocabulary (see _stage_model)
+        tok.add_tokens(missing, special_tokens=True)
+        logger.info("added the domain prompt tokens %s to the tokenizer", missing)
+    return data, tok, _blocks(data, "train", tok, plan.spec, plan.spec.max_train_tokens)
+
+
+def _stage_model(
+    plan: StagePlan, parent, tok, train_blocks: torch.Tensor
+) -> tuple[LoirePreTrainedModel, dict[str, int], float | None]:
+    """Step 2: the model of this stage (a new one, or the parent grown by the strategy's operator)."""
+    strat, spec = plan.strategy, plan.spec
+    if parent is None or strat.from_scratch:
+        return _new_model(_initial_config(plan.schedule, strat, len(tok), tok), plan.seed), {}, None
+    previous = load_model(parent)
+    if len(tok) > previous.config.vocab_size:  # prompt tokens added to a base's tokenizer: exact row growth
+        previous = grow_vocab(previous, len(tok))
+    if spec.block_size > previous.config.max_position_embeddings:
+        raise ValueError(
+            f"{_spec_path(plan)}.block_size: {spec.block_size} exceeds the parent model's "
+            f"max_position_embeddings ({previous.config.max_position_embeddings})"
+        )
+    targets = resolve_growth(plan.growth, previous.config, f"{_spec_path(plan)}.grow")
+    if not targets:
+        return previous, targets, None
+    probe = train_blocks[:GROWTH_PROBE_BLOCKS, : min(GROWTH_PROBE_TOKENS, spec.block_size)]
+    if strat.growth == "exact":
+        model = grow(previous, **targets, seed=plan.seed, init=strat.growth_init)
+    elif strat.growth == "elle":
+        model = elle_expand(previous, **targets, seed=plan.seed)
+    else:
+        model = naive_expand(previous, strat.growth, **targets, seed=plan.seed)
+    growth_diff = max_abs_logit_diff(previous, model, probe)
+    logger.info("stage %d: grew %s, max |Δlogits| %.3g", plan.stage, targets, growth_diff)
+    return model, targets, growth_diff
+
+
+def _spec_path(plan: StagePlan) -> str:
+    """How validation errors name this stage's spec in the schedule."""
+    return f"stages[{min(plan.stage, len(plan.schedule.stages)) - 1}]"
+
+
+def _earlier_data(plan: StagePlan, domain: str, where: Mapping[str, str], tok, train_blocks: torch.Tensor) -> _Earlier:
+    """Step 3: earlier domains' data for replay memory, retraining, ELLE's recovery warmup and evaluation."""
+    strat, spec = plan.strategy, plan.spec
+    budget = spec.max_train_tokens
+    corpora = {e["domain"]: load_corpus(where.get(e["domain"], e["corpus_uri"])) for e in plan.lineage}
+    prompt_ids = {d: tok.convert_tokens_to_ids(domain_prompt_token(d)) for d in [*corpora, domain]}
+    out = _Earlier(corpora, prompt_ids, strat.domain_prompts, train_blocks, None)
+    out.train_blocks = out.prompted(train_blocks, domain)
+    if strat.replay_ratio > 0 and corpora:
+        per_domain = max(spec.batch_size, out.train_blocks.shape[0] // REPLAY_MEMORY_DIVISOR)
+        out.memory = torch.cat(
+            [out.prompted(_blocks(c, "train", tok, spec, budget), d)[:per_domain] for d, c in corpora.items()]
+        )
+    if strat.from_scratch and corpora:
+        out.train_blocks = torch.cat(
+            [out.prompted(_blocks(c, "train", tok, spec, budget), d) for d, c in corpora.items()] + [out.train_blocks]
+        )
+    return out
+
+
+def _teachers(plan: StagePlan) -> tuple[list[LoirePreTrainedModel], DistillConfig | None]:
+    """Step 4: the teachers for distillation, over the schedule's window (or the strategy's shorter one)."""
+    teacher_models = [load_model(d) for d in plan.teacher_dirs]
+    if not teacher_models:
+        return teacher_models, None
+    betas = teacher_betas(plan.spec.beta, len(plan.lineage), plan.teacher_indices)
+    window = min(plan.distill_window, plan.steps)
+    return teacher_models, DistillConfig(distill_steps=window, betas=betas, temperature=plan.spec.temperature)
+
+
+@dataclass
+class _Trained:
+    model: LoirePreTrainedModel
+    result: Any  # loire.train.TrainResult of the main run
+    config: TrainConfig
+    flops: float
+
+
+def _train_stage(
+    plan: StagePlan,
+    model: LoirePreTrainedModel,
+    targets: dict[str, int],
+    earlier: _Earlier,
+    tok,
+    teacher_models: list[LoirePreTrainedModel],
+    distill: DistillConfig | None,
+    *,
+    out: Path,
+    resume: bool,
+    device: str,
+    progress: bool,
+    fsdp: bool,
+    on_log: OnLog | None,
+) -> _Trained:
+    """Step 5: ELLE's recovery warmup where the strategy has one, then the stage's training run."""
+    strat, spec, stage_steps = plan.strategy, plan.spec, plan.steps
+    common = dict(
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        warmup_steps=min(spec.warmup_steps, max(0, stage_steps - 1)),
+        seed=plan.seed,
+        device=device,
+        progress=progress,
+        fsdp=fsdp,
+    )
+    flops = 0.0
+    # ELLE: function-recovering warmup on the memory of the previous domain before the new domain.
+    if strat.recover_fraction > 0 and plan.lineage and targets:
+        last = plan.lineage[-1]["domain"]
+        recover = earlier.prompted(_blocks(earlier.corpora[last], "train", tok, spec, spec.max_train_tokens), last)
+        steps = max(1, int(stage_steps * strat.recover_fraction))
+        result = train(model, recover, TrainConfig(steps=steps, log_every=NEVER_LOG, **common), replay=earlier.memory)
+        flops += result.flops
+    window = min(plan.distill_window, stage_steps)
+    config = TrainConfig(
+        steps=stage_steps,
+        device_steps=window if (targets and strat.growth == "exact") else 0,
+        distill=distill,
+        replay_ratio=strat.replay_ratio if earlier.memory is not None else 0.0,
+        checkpoint_every=max(1, stage_steps // CHECKPOINTS_PER_STAGE),
+        **common,
+    )
+    result = train(
+        model,
+        earlier.train_blocks,
+        config,
+        teachers=teacher_models,
+        replay=earlier.memory,
+        mask_token_id=tok.mask_token_id,
+        checkpoint_dir=checkpoint_dir(out),
+        resume=resume,
+        on_log=on_log,
+    )
+    model = model.to("cpu").eval()
+    model.consolidate(strict=True)
+    return _Trained(model, result, config, flops + result.flops + result.teacher_flops)
+
+
+def _evaluate(
+    model: LoirePreTrainedModel, plan: StagePlan, domain: str, data: Corpus, earlier: _Earlier, tok, max_blocks: int
+) -> dict[str, float]:
+    """Step 6: perplexity (masked LM: pseudo-perplexity) on every domain seen so far."""
+    ppl: dict[str, float] = {}
+    for d, c in [*earlier.corpora.items(), (domain, data)]:
+        valid = earlier.prompted(_blocks(c, "valid", tok, plan.spec, None)[:max_blocks], d)
+        ppl[d] = perplexity(model, valid, mask_token_id=tok.mask_token_id)
+    return ppl
+
+
+def _stage_record(
+    plan: StagePlan,
+    *,
+    domain: str,
+    corpus: str,
+    source_uri: str | None,
+    corpus_etag: str | None,
+    data: Corpus,
+    parent,
+    out: Path,
+    earlier: _Earlier,
+    targets: dict[str, int],
+    growth_diff: float | None,
+    teacher_models: list[LoirePreTrainedModel],
+    distill: DistillConfig | None,
+    trained: _Trained,
+    ppl: dict[str, float],
+    ppl_init: dict[str, float] | None,
+    fsdp: bool,
+    started: float,
+) -> dict[str, Any]:
+    """Step 7: the stage's `stage.json` (lineage, growth, perplexity matrix with AP / AP+, FLOPs, training)."""
+    t, parent_record, lineage, model, result = (
+        plan.stage,
+        plan.parent_record,
+        plan.lineage,
+        trained.model,
+        trained.result,
+    )
+    matrix_rows: list[dict[str, float]] = [*(parent_record["ppl_matrix"] if parent_record else []), ppl]
+    domains = [*plan.domains, domain]
+    matrix = [[row.get(d, float("nan")) for d in domains[: i + 1]] for i, row in enumerate(matrix_rows)]
+    cumulative = trained.flops + (parent_record["flops"]["cumulative"] if parent_record else 0.0)
+    record: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "stage": t,
+        "domain": domain,
+        "strategy": plan.strategy.name,
+        "schedule": plan.schedule.to_dict(),
+        "corpus": {
+            "uri": source_uri or corpus,
+            "etag": corpus_etag,
+            "digest": data.digest,
+            "files": list(data.files),
+            "train_documents": len(data.train),
+            "valid_documents": len(data.valid),
+            "train_tokens": int(earlier.train_blocks.numel()),
+        },
+        "parent": None if parent is None else {"dir": str(Path(parent).resolve()), "stage": t - 1},
+        "lineage": [
+            *lineage,
+            {"stage": t, "domain": domain, "model_dir": str(out.resolve()), "corpus_uri": source_uri or corpus},
+        ],
+        "growth": {
+            "targets": targets,
+            "operator": plan.strategy.growth,
+            "init": plan.strategy.growth_init,
+            "max_abs_logit_diff": growth_diff,
+        },
+        "dims": {
+            "hidden_size": model.config.hidden_size,
+            "intermediate_size": model.config.intermediate_size,
+            "num_attention_heads": model.config.num_attention_heads,
+            "num_hidden_layers": model.config.num_hidden_layers,
+            "parameters": num_parameters(model),
+        },
+        "distill": None
+        if distill is None
+        else {
+            **asdict(distill),
+            "teachers": len(teacher_models),
+            "betas_used": list(distill.resolved_betas(len(teacher_models))),
+        },
+        "ppl": ppl,
+        "ppl_matrix": matrix_rows,
+        "ap": average_perplexity(matrix[-1]),
+        "ap_plus": average_increased_perplexity(matrix, t),
+        "flops": {"stage": trained.flops, "teachers": result.teacher_flops, "cumulative": cumulative},
+        "wall_time_s": time.perf_counter() - started,
+        "train": {
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "final_loss": result.final_loss,
+            "resumed_from": result.resumed_from,
+            "replay_ratio": trained.config.replay_ratio,
+            "world_size": distributed.world_size(),
+            "fsdp": fsdp and distributed.world_size() > 1,
+            "history": result.history,
+        },
+    }
+    # Optional fields, present only when they apply (older records stay field-for-field the same).
+    if parent_record is not None and parent_record.get("base") is not None:
+        record["base"] = parent_record["base"]
+    if ppl_init is not None:
+        record["ppl_init"] = ppl_init
+    return record
+
+
 def run_stage(
     domain: str,
     corpus: str,
@@ -156,232 +531,82 @@ def run_stage(
     on_log: OnLog | None = None,
     progress: bool = True,
     fsdp: bool = False,
+    eval_init: bool = False,
 ) -> StageResult:
     """Run one lifelong stage and write its folder to `out_dir` (see the module docstring).
 
     `corpus` is where the new domain's data is read; `source_uri` (default: `corpus`) is the URI recorded in
     the lineage, e.g. the s3:// batch a pipeline copied to a local cache. Earlier domains are read from
     `earlier_corpora[domain]` when given, else from the `corpus_uri` their lineage entry recorded.
+    `parent` may be a stage-0 folder written by `loire.base.import_base` (an imported HF checkpoint).
+    `eval_init` also measures every seen domain's perplexity right after growth, before training
+    (`ppl_init` in the record: the "init" row of the paper's LOIRE-Bert table).
     """
     started = time.perf_counter()
     out = Path(out_dir)
-    strat = get_strategy(strategy)
-    sched = schedule_preset(schedule) if isinstance(schedule, str) else schedule
-    parent_record = read_stage(parent) if parent is not None else None
-    if parent_record is not None and parent_record["strategy"] != strat.name:
-        raise ValueError(f"{parent}: parent stage used strategy {parent_record['strategy']!r}, not {strat.name!r}")
-    t = 1 if parent_record is None else int(parent_record["stage"]) + 1
-    spec = sched.stages[min(t, len(sched.stages)) - 1]
-    seed = sched.seed + 1000 * t
-    lineage: list[dict[str, Any]] = list(parent_record["lineage"]) if parent_record else []
-    seen = [entry["domain"] for entry in lineage]
-    if domain in seen:
-        logger.info("domain %s was seen before (stage %d): training on it again", domain, seen.index(domain) + 1)
-
-    # 1. data and tokenizer
-    data = load_corpus(corpus)
-    if parent is not None:
-        tok = load_tokenizer(parent)
-    elif tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
-    else:
-        tok = train_tokenizer(list(data.train), vocab_size=sched.tokenizer_vocab_size)
-    train_budget = spec.max_train_tokens
-    train_blocks = _blocks(data, "train", tok, spec, train_budget)
-
-    # 2. the model of this stage
-    growth_diff: float | None = None
-    targets: dict[str, int] = {}
-    if parent is None or strat.from_scratch:
-        model = _new_model(_initial_config(sched, strat, len(tok), tok), seed)
-    else:
-        previous = load_model(parent)
-        model = previous
-        if strat.growth != "none" and t <= len(sched.stages):
-            targets = dict(spec.grow)
-        if targets:
-            probe = train_blocks[:2, : min(32, spec.block_size)]
-            if strat.growth == "exact":
-                model = grow(previous, **targets, seed=seed, init=strat.growth_init)
-            elif strat.growth == "elle":
-                model = elle_expand(previous, **targets, seed=seed)
-            else:
-                model = naive_expand(previous, strat.growth, **targets, seed=seed)
-            growth_diff = max_abs_logit_diff(previous, model, probe)
-            logger.info("stage %d: grew %s, max |Δlogits| %.3g", t, targets, growth_diff)
-
-    # 3. data of earlier domains: replay memory, retraining, ELLE's recovery warmup, evaluation
-    where = dict(earlier_corpora or {})
-    earlier = {entry["domain"]: load_corpus(where.get(entry["domain"], entry["corpus_uri"])) for entry in lineage}
-    prompt_ids = {d: tok.convert_tokens_to_ids(domain_prompt_token(d)) for d in [*earlier, domain]}
-
-    def prompted(blocks: torch.Tensor, d: str) -> torch.Tensor:
-        return _with_prompt(blocks, prompt_ids[d]) if strat.domain_prompts else blocks
-
-    train_blocks = prompted(train_blocks, domain)
-    memory = None
-    if strat.replay_ratio > 0 and earlier:
-        per_domain = max(spec.batch_size, train_blocks.shape[0] // 10)
-        memory = torch.cat(
-            [prompted(_blocks(c, "train", tok, spec, train_budget), d)[:per_domain] for d, c in earlier.items()]
+    plan = plan_stage(schedule, strategy, parent, steps=steps, teachers=teachers)
+    if domain in plan.domains:
+        logger.info(
+            "domain %s was seen before (stage %d): training on it again", domain, plan.domains.index(domain) + 1
         )
-    if strat.from_scratch and earlier:
-        train_blocks = torch.cat(
-            [prompted(_blocks(c, "train", tok, spec, train_budget), d) for d, c in earlier.items()] + [train_blocks]
-        )
-    stage_steps = steps if steps is not None else spec.steps
-    if strat.from_scratch:
-        stage_steps *= t
-
-    # 4. teachers for distillation, over the schedule's window (or the strategy's shorter one)
-    window = spec.distill_steps if strat.distill_steps is None else min(spec.distill_steps, strat.distill_steps)
-    if strat.distill_fraction is not None:
-        window = min(window, max(1, round(strat.distill_fraction * stage_steps)))
-    teacher_models: list[LoirePreTrainedModel] = []
-    chosen: list[int] = []
-    if strat.distill != "none" and lineage:
-        dirs = list(teachers) if teachers is not None else [entry["model_dir"] for entry in lineage]
-        chosen = list(range(len(dirs)))
-        if strat.distill == "previous":
-            dirs, chosen = dirs[-1:], chosen[-1:]
-        teacher_models = [load_model(d) for d in dirs]
-    distill = None
-    if teacher_models:
-        betas = teacher_betas(spec.beta, len(lineage), chosen)
-        distill = DistillConfig(distill_steps=min(window, stage_steps), betas=betas, temperature=spec.temperature)
-
-    ckpt_dir = checkpoint_dir(out)
-    base = dict(
-        batch_size=spec.batch_size,
-        lr=spec.lr,
-        warmup_steps=min(spec.warmup_steps, max(0, stage_steps - 1)),
-        seed=seed,
+    data, tok, train_blocks = _load_data(plan, corpus, parent, tokenizer)
+    model, targets, growth_diff = _stage_model(plan, parent, tok, train_blocks)
+    earlier = _earlier_data(plan, domain, earlier_corpora or {}, tok, train_blocks)
+    teacher_models, distill = _teachers(plan)
+    ppl_init = _evaluate(model, plan, domain, data, earlier, tok, max_eval_blocks) if eval_init else None
+    trained = _train_stage(
+        plan,
+        model,
+        targets,
+        earlier,
+        tok,
+        teacher_models,
+        distill,
+        out=out,
+        resume=resume,
         device=device,
         progress=progress,
         fsdp=fsdp,
-    )
-    flops = 0.0
-    # ELLE: function-recovering warmup on the memory of the previous domain before the new domain.
-    if strat.recover_fraction > 0 and lineage and targets:
-        last = lineage[-1]["domain"]
-        recover = prompted(_blocks(earlier[last], "train", tok, spec, train_budget), last)
-        result = train(
-            model,
-            recover,
-            TrainConfig(steps=max(1, int(stage_steps * strat.recover_fraction)), log_every=10**9, **base),
-            replay=memory,
-        )
-        flops += result.flops
-    config = TrainConfig(
-        steps=stage_steps,
-        device_steps=min(window, stage_steps) if (targets and strat.growth == "exact") else 0,
-        distill=distill,
-        replay_ratio=strat.replay_ratio if memory is not None else 0.0,
-        checkpoint_every=max(1, stage_steps // 4),
-        **base,
-    )
-    result = train(
-        model,
-        train_blocks,
-        config,
-        teachers=teacher_models,
-        replay=memory,
-        mask_token_id=tok.mask_token_id,
-        checkpoint_dir=ckpt_dir,
-        resume=resume,
         on_log=on_log,
     )
-    model = model.to("cpu").eval()
-    model.consolidate(strict=True)
-    flops += result.flops + result.teacher_flops
-
-    # 5. perplexity on every domain seen so far
-    ppl: dict[str, float] = {}
-    for d, c in [*earlier.items(), (domain, data)]:
-        valid = prompted(_blocks(c, "valid", tok, spec, None)[:max_eval_blocks], d)
-        ppl[d] = perplexity(model, valid, mask_token_id=tok.mask_token_id)
-    matrix_rows: list[dict[str, float]] = [*(parent_record["ppl_matrix"] if parent_record else []), ppl]
-    domains = [*(e["domain"] for e in lineage), domain]
-    matrix = [[row.get(d, float("nan")) for d in domains[: i + 1]] for i, row in enumerate(matrix_rows)]
-    ap = average_perplexity(matrix[-1])
-    ap_plus = average_increased_perplexity(matrix, t)
-    cumulative = flops + (parent_record["flops"]["cumulative"] if parent_record else 0.0)
-    wall = time.perf_counter() - started
-
-    record: dict[str, Any] = {
-        "format": FORMAT_VERSION,
-        "stage": t,
-        "domain": domain,
-        "strategy": strat.name,
-        "schedule": sched.to_dict(),
-        "corpus": {
-            "uri": source_uri or corpus,
-            "etag": corpus_etag,
-            "digest": data.digest,
-            "files": list(data.files),
-            "train_documents": len(data.train),
-            "valid_documents": len(data.valid),
-            "train_tokens": int(train_blocks.numel()),
-        },
-        "parent": None if parent is None else {"dir": str(Path(parent).resolve()), "stage": t - 1},
-        "lineage": [
-            *lineage,
-            {"stage": t, "domain": domain, "model_dir": str(out.resolve()), "corpus_uri": source_uri or corpus},
-        ],
-        "growth": {
-            "targets": targets,
-            "operator": strat.growth,
-            "init": strat.growth_init,
-            "max_abs_logit_diff": growth_diff,
-        },
-        "dims": {
-            "hidden_size": model.config.hidden_size,
-            "intermediate_size": model.config.intermediate_size,
-            "num_attention_heads": model.config.num_attention_heads,
-            "num_hidden_layers": model.config.num_hidden_layers,
-            "parameters": num_parameters(model),
-        },
-        "distill": None
-        if distill is None
-        else {
-            **asdict(distill),
-            "teachers": len(teacher_models),
-            "betas_used": list(distill.resolved_betas(len(teacher_models))),
-        },
-        "ppl": ppl,
-        "ppl_matrix": matrix_rows,
-        "ap": ap,
-        "ap_plus": ap_plus,
-        "flops": {"stage": flops, "teachers": result.teacher_flops, "cumulative": cumulative},
-        "wall_time_s": wall,
-        "train": {
-            "steps": result.steps,
-            "tokens": result.tokens,
-            "final_loss": result.final_loss,
-            "resumed_from": result.resumed_from,
-            "replay_ratio": config.replay_ratio,
-            "world_size": distributed.world_size(),
-            "fsdp": fsdp and distributed.world_size() > 1,
-            "history": result.history,
-        },
-    }
-    _write_stage(model, tok, record, out)
+    ppl = _evaluate(trained.model, plan, domain, data, earlier, tok, max_eval_blocks)
+    record = _stage_record(
+        plan,
+        domain=domain,
+        corpus=corpus,
+        source_uri=source_uri,
+        corpus_etag=corpus_etag,
+        data=data,
+        parent=parent,
+        out=out,
+        earlier=earlier,
+        targets=targets,
+        growth_diff=growth_diff,
+        teacher_models=teacher_models,
+        distill=distill,
+        trained=trained,
+        ppl=ppl,
+        ppl_init=ppl_init,
+        fsdp=fsdp,
+        started=started,
+    )
+    _write_stage(trained.model, tok, record, out)
     if distributed.is_main():
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    logger.info("stage %d (%s) done: AP %.3f, AP+ %s", t, domain, ap, ap_plus)
+        shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
+    logger.info("stage %d (%s) done: AP %.3f, AP+ %s", plan.stage, domain, record["ap"], record["ap_plus"])
     return StageResult(
         out_dir=str(out),
-        stage=t,
+        stage=plan.stage,
         domain=domain,
-        strategy=strat.name,
+        strategy=plan.strategy.name,
         ppl=ppl,
-        ap=ap,
-        ap_plus=ap_plus,
-        flops=flops,
-        cumulative_flops=cumulative,
-        wall_time_s=wall,
+        ap=record["ap"],
+        ap_plus=record["ap_plus"],
+        flops=trained.flops,
+        cumulative_flops=record["flops"]["cumulative"],
+        wall_time_s=record["wall_time_s"],
         growth_max_abs_logit_diff=growth_diff,
-        final_loss=result.final_loss,
+        final_loss=trained.result.final_loss,
         record=record,
     )
 
@@ -432,11 +657,15 @@ def run_lifelong(
     max_eval_blocks: int = 32,
     on_log: OnLog | None = None,
     progress: bool = True,
+    base: str | os.PathLike[str] | None = None,
+    eval_init: bool = False,
 ) -> dict[str, Any]:
     """All stages of one strategy over `domains`; writes `lifelong.json` and `ppl.png` to `out_dir`.
 
     `seed` (default: the schedule's) replaces the schedule's seed, which seeds the start model, growth,
-    data order and replay draws; `max_eval_blocks` caps each domain's validation blocks.
+    data order and replay draws; `max_eval_blocks` caps each domain's validation blocks. `base`, a local
+    HF checkpoint folder, is imported as stage 0 (`out_dir/stage-0-base`, `loire.base.import_base`) and the
+    first stage grows from it; `eval_init` adds each stage's perplexities right after growth (`ppl_init`).
     """
     if not domains:
         raise ValueError("domains: at least one domain is needed")
@@ -447,6 +676,12 @@ def run_lifelong(
     out = Path(out_dir)
     uris = {d: corpus_uri(corpora, d) for d in domains}  # fail early on a missing domain
     parent: Path | None = None
+    base_record: dict[str, Any] | None = None
+    if base is not None:
+        from loire.base import import_base
+
+        parent = out / "stage-0-base"
+        base_record = import_base(base, parent)["base"]
     stages = []
     for index, domain in enumerate(domains, start=1):
         stage_dir = out / f"stage-{index}-{domain}"
@@ -462,6 +697,7 @@ def run_lifelong(
             max_eval_blocks=max_eval_blocks,
             on_log=on_log,
             progress=progress,
+            eval_init=eval_init,
         )
         stages.append(
             {
@@ -475,6 +711,7 @@ def run_lifelong(
                 "wall_time_s": result.wall_time_s,
                 "growth_max_abs_logit_diff": result.growth_max_abs_logit_diff,
                 "dims": result.record["dims"],
+                **({"ppl_init": result.record["ppl_init"]} if "ppl_init" in result.record else {}),
             }
         )
         parent = stage_dir
@@ -486,6 +723,8 @@ def run_lifelong(
         "total_flops": stages[-1]["cumulative_flops"],
         "total_wall_time_s": sum(s["wall_time_s"] for s in stages),
     }
+    if base_record is not None:
+        summary["base"] = base_record
     (out / "lifelong.json").write_text(json.dumps(summary, indent=2))
     plot_ppl(summary, out / "ppl.png")
     return summary

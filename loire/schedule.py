@@ -6,7 +6,9 @@ the model is grown to the totals in `stage.grow` (keys among hidden, ffn, heads,
 `loire.grow.grow`); an empty `grow` trains the current model as it is. Schedules load from YAML /
 dicts and are validated as a whole: every error is a ValueError that names the field path
 (`stages[2].grow.width: unknown dimension; allowed: hidden, ffn, heads, layers`), and the sizes are
-simulated through the stages from the preset so no stage shrinks a dimension.
+simulated through the stages from the preset so no stage shrinks a dimension. A target may also be
+relative to the model the stage starts from (`hidden: x1.25`, `layers: +2`; `resolve_growth`), so a
+schedule fits an arbitrary imported base model (`from-base` preset).
 
 Reasoning behind the presets and defaults:
 
@@ -42,6 +44,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,11 +115,11 @@ def _check_stage(values: Mapping[str, Any], path: str, *, lenient: bool = False)
         grow = {}
     if not isinstance(grow, Mapping):
         _fail(f"{path}.grow", f"must map a dimension ({', '.join(DIMENSIONS)}) to its new total, got {grow!r}")
-    for key, target in grow.items():
+    for key in grow:
         if key not in DIMENSIONS:
             _fail(f"{path}.grow.{key}", f"unknown dimension; allowed: {', '.join(DIMENSIONS)}")
-        _int(f"{path}.grow.{key}", target, 1)
-    out["grow"] = {key: grow[key] for key in DIMENSIONS if key in grow}  # canonical order
+    # canonical order; relative targets normalised ("x1.25", "+2")
+    out["grow"] = {key: _check_target(f"{path}.grow.{key}", grow[key]) for key in DIMENSIONS if key in grow}
     steps = _int(f"{path}.steps", values["steps"], 1)
     for name in ("warmup_steps", "distill_steps"):
         if _int(f"{path}.{name}", values[name], 0) > steps:
@@ -135,6 +138,66 @@ def _check_stage(values: Mapping[str, Any], path: str, *, lenient: bool = False)
     if values["max_train_tokens"] is not None:
         _int(f"{path}.max_train_tokens", values["max_train_tokens"], 1)
     return out
+
+
+_RELATIVE = re.compile(r"^\s*([x*+])\s*(\d+(?:\.\d*)?)\s*$")
+
+
+def _check_target(path: str, target: Any) -> int | str:
+    """An absolute total (int >= 1) or a target relative to the model the stage starts from:
+    a ratio "x1.25" (>= 1) or an increment "+2" (an int >= 0)."""
+    if isinstance(target, str):
+        match = _RELATIVE.match(target)
+        if match is None:
+            _fail(
+                path,
+                f"must be a new total (int >= 1), a ratio such as 'x1.25' or an increment such as '+2'; got {target!r}",
+            )
+        op, number = match.group(1), match.group(2)
+        if op == "+":
+            if "." in number:
+                _fail(path, f"an increment must be a whole number, got {target!r}")
+            return f"+{int(number)}"
+        ratio = float(number)
+        if ratio < 1.0:
+            _fail(path, f"a ratio must be >= 1 (growth only adds), got {target!r}")
+        return f"x{ratio:g}"
+    return _int(path, target, 1)
+
+
+def resolve_growth(grow: Mapping[str, int | str], config: LoireConfig, path: str = "grow") -> dict[str, int]:
+    """New totals for `config` from a stage's growth targets (absolute, or relative to `config`).
+
+    A ratio is rounded up to an int, and for `hidden` up to a whole number of heads (a multiple of
+    head_dim, the head-size constraint: hidden = heads x head_dim stays reachable, as GPT-2 and BERT
+    checkpoints need); an increment of `hidden` that is not a multiple of head_dim is refused, naming the
+    field. Raises ValueError for a target that would shrink its dimension.
+    """
+    out: dict[str, int] = {}
+    for name, target in grow.items():
+        config_field = OPERATORS[name][1]
+        current = getattr(config, config_field)
+        value = _check_target(f"{path}.{name}", target)
+        if isinstance(value, str) and value.startswith("+"):
+            step = int(value[1:])
+            if name == "hidden" and step % config.head_dim:
+                _fail(
+                    f"{path}.{name}",
+                    f"{value} is not a multiple of head_dim ({config.head_dim}); hidden_size must stay a whole "
+                    "number of heads",
+                )
+            value = current + step
+        elif isinstance(value, str):
+            unit = config.head_dim if name == "hidden" else 1
+            value = unit * math.ceil(current * float(value[1:]) / unit - 1e-9)
+        if value < current:
+            _fail(f"{path}.{name}", f"{value} would shrink {config_field} from {current}; growth only adds")
+        out[name] = value
+    return out
+
+
+def is_relative(grow: Mapping[str, int | str]) -> bool:
+    return any(isinstance(v, str) for v in grow.values())
 
 
 def _check_keys(data: Any, path: str, allowed: Sequence[str], required: Sequence[str]) -> None:
@@ -163,7 +226,7 @@ class StageSpec:
     """
 
     domain: str
-    grow: dict[str, int] = field(default_factory=dict)
+    grow: dict[str, int | str] = field(default_factory=dict)
     steps: int
     warmup_steps: int = 0
     distill_steps: int = 0
@@ -262,15 +325,8 @@ class Schedule:
                 _fail(f"{path}.distill_steps", "must be 0 at the first stage (no earlier model to distil from)")
             if stage.beta is not None and len(stage.beta) != i:
                 _fail(f"{path}.beta", f"needs {i} weight(s), one per earlier stage; got {len(stage.beta)}")
-            changes = {}
-            for name, target in stage.grow.items():
-                config_field = OPERATORS[name][1]
-                current = getattr(config, config_field)
-                if target < current:
-                    _fail(
-                        f"{path}.grow.{name}", f"{target} would shrink {config_field} from {current}; growth only adds"
-                    )
-                changes[config_field] = target
+            targets = resolve_growth(stage.grow, config, f"{path}.grow")
+            changes = {OPERATORS[name][1]: target for name, target in targets.items()}
             try:
                 config = config.replace(**changes)
             except ValueError as err:
@@ -470,6 +526,28 @@ def _tiny_long_ladder() -> Schedule:
     )
 
 
+# From a base model (`loire lifelong --base`): the paper's order Hidden -> FFN -> MHA -> Layer as growth
+# relative to whatever the base is (x1.25 the hidden size rounded up to whole heads, x1.25 the FFN, x1.25
+# the heads rounded up, 2 more layers), then a last stage without growth; gpt-tiny's CPU training budget.
+# The start config only serves validation: a base replaces it.
+_FROM_BASE_GROWTH = ({"hidden": "x1.25"}, {"ffn": "x1.25"}, {"heads": "x1.25"}, {"layers": "+2"}, {})
+
+
+def _from_base_ladder() -> Schedule:
+    return _ladder(
+        "gpt-tiny",
+        _TINY_START,
+        _FROM_BASE_GROWTH,
+        (200, 150, 150, 150, 150),
+        (20, 10, 10, 10, 10),
+        150,
+        4096,
+        later_lr=1e-3,
+        beta_total=4.0,
+        **_TINY_STAGE,
+    )
+
+
 _MICRO_START = dict(
     hidden_size=32,
     intermediate_size=128,
@@ -522,11 +600,20 @@ SCHEDULES: dict[str, Schedule] = {
 }
 
 
+# Presets whose growth is relative to an imported base model (`loire lifelong --base`): every stage grows,
+# the first one included, since the base is stage 0 (the absolute ladders above start with M1 instead).
+BASE_SCHEDULES: dict[str, Schedule] = {
+    # Any base model (GPT-2, BERT, Llama) grown in LOIRE's order by relative targets (see _FROM_BASE_GROWTH).
+    "from-base": _from_base_ladder(),
+}
+
+
 def schedule_preset(name: str, domains: Sequence[str] | None = None) -> Schedule:
     """A preset schedule, optionally with its stages' domains renamed (same count, in order)."""
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule preset {name!r}; allowed: {', '.join(SCHEDULES)}")
-    schedule = SCHEDULES[name]
+    presets = {**SCHEDULES, **BASE_SCHEDULES}
+    if name not in presets:
+        raise ValueError(f"unknown schedule preset {name!r}; allowed: {', '.join(presets)}")
+    schedule = presets[name]
     if domains is None:
         return schedule
     if isinstance(domains, (str, bytes)) or not isinstance(domains, Sequence) or len(domains) != len(schedule):
@@ -535,4 +622,14 @@ def schedule_preset(name: str, domains: Sequence[str] | None = None) -> Schedule
     return dataclasses.replace(schedule, stages=stages)
 
 
-__all__ = ["DIMENSIONS", "DOMAINS", "SCHEDULES", "Schedule", "StageSpec", "schedule_preset"]
+__all__ = [
+    "BASE_SCHEDULES",
+    "DIMENSIONS",
+    "DOMAINS",
+    "SCHEDULES",
+    "Schedule",
+    "StageSpec",
+    "is_relative",
+    "resolve_growth",
+    "schedule_preset",
+]
