@@ -169,6 +169,23 @@ def _metrics(values: Mapping[str, Any], step: int, timestamp: int) -> list[Metri
 
 
 # ------------------------------------------------------------------------------------ runs
+# MLflow's client retries every request itself (7 times with backoff by default: ~4 min against a closed
+# port) before the tracker's policy sees an error, so the two layers would multiply (~40 min). The policy
+# owns the budget: MLflow's own retries are off and one request waits at most this long for an answer.
+MLFLOW_REQUEST_TIMEOUT_S = 30
+
+
+def own_mlflow_retries() -> None:
+    """Turn MLflow's per-request retries off (the tracker's `RetryPolicy` retries) and cap its timeout."""
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    if retries not in (None, "", "0"):
+        logger.warning(
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES=%s ignored: the tracker's retry policy owns the budget", retries
+        )
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(MLFLOW_REQUEST_TIMEOUT_S))
+
+
 class RunLog:
     """Runs and metrics of lifelong stages on one MLflow tracking server (`flows.registry.Tracker` adds the
     registry)."""
@@ -187,6 +204,7 @@ class RunLog:
         self.model_name = model_name
         self.experiment = experiment
         self.retry = retry or RetryPolicy.from_env()
+        own_mlflow_retries()
         self.ready_timeout_s = ready_timeout_s
         self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
         self._experiment_id: str | None = None  # resolved lazily: constructing a Tracker needs no server

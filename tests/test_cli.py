@@ -45,7 +45,7 @@ def test_inspect_shows_config_params_flops_and_devices(saved, tmp_path) -> None:
     ("args", "message"),
     [
         (["grow", "{src}", "{dst}", "--hidden", "8"], "shrink"),
-        (["grow", "{src}", "{src}", "--hidden", "80"], "differ"),
+        (["grow", "{src}", "{src}", "--hidden", "80"], "contains the source"),
         (["inspect", "{missing}"], "no config.json"),
     ],
 )

@@ -78,7 +78,8 @@ def test_save_load_with_gates_and_mask_present(tmp_path, family: str) -> None:
     inputs = probe(model)
     assert again.config.plugin_layers == grown.config.plugin_layers
     assert again.plugin_lambdas() == grown.plugin_lambdas()
-    torch.testing.assert_close(logits(again, inputs), logits(grown, inputs), rtol=0, atol=0)
+    # float64; the reloaded tensors are fresh contiguous copies, so kernels may sum in another order (≤ 1e-14)
+    torch.testing.assert_close(logits(again, inputs), logits(grown, inputs), rtol=0, atol=1e-12)
 
 
 def test_input_model_is_never_modified(family: str, head: type) -> None:

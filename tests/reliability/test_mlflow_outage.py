@@ -139,3 +139,26 @@ def test_outage_past_the_retry_budget_fails_cleanly_and_a_retry_registers_once(
         [pipeline.tracker.experiment_id()], f"tags.`prefect.flow_run_id` = '{run_id}'"
     )
     assert [r.info.run_id for r in runs] == [version.run_id]  # the retry reused the stage's MLflow run
+
+
+def test_closed_port_fails_within_the_budget_with_mlflows_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's client settings as a user has them (its own 7 retries, 120 s timeout: ~4 min per request against
+    a closed port): the tracker's policy owns the budget, so the first request of a stage fails within it + 20%."""
+    import socket
+
+    from flows.registry import Tracker
+    from flows.retry import RetryPolicy
+
+    for name in ("MAX_RETRIES", "TIMEOUT", "BACKOFF_FACTOR"):
+        monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{name}", raising=False)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    policy = RetryPolicy(attempts=4, initial_delay_s=1.0, max_delay_s=4.0)
+    budget = sum(policy.delays())  # 1 + 2 + 4 = 7 s of backoff; each refused connection returns at once
+    tracker = Tracker(f"http://127.0.0.1:{port}", retry=policy)
+    started = time.monotonic()
+    with pytest.raises(Exception, match=r"127\.0\.0\.1"):
+        tracker.experiment_id()
+    elapsed = time.monotonic() - started
+    assert elapsed <= 1.2 * budget, f"failed after {elapsed:.1f} s, budget {budget:.1f} s"
