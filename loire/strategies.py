@@ -256,7 +256,7 @@ def naive_expand(
         num_hidden_layers=layers or old_layers,
     )
     torch.manual_seed(seed)
-    fresh = type(model)(changed)
+    fresh = type(model)(changed).to(next(model.parameters()).dtype)
     state = {k: v.detach().clone() for k, v in fresh.state_dict().items() if k not in tied_keys(fresh)}
     if init == "zero":
         for p, _ in parsed_state(fresh):
