@@ -1,7 +1,8 @@
 """Every strategy over the five real domains, several seeds: AP / AP+ (mean ± std), FLOPs, plots.
 
 Usage:
-    python bench/lifelong.py --budget long --seeds 0,1,2 --jobs 2          # run what is missing, then report
+    python bench/lifelong.py --budget long --jobs 2                        # continue the planned runs (PLANNED_LONG)
+    python bench/lifelong.py --budget long --strategies loire,elle --seeds 0,1,2   # these, seed-major
     python bench/lifelong.py --budget long --report                        # tables and plots from what exists
     python bench/lifelong.py --budget short --strategies loire,replay --seeds 0 --steps 5   # a smoke run
 
@@ -63,6 +64,16 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "loire-split": ("loire", {"growth_init": "split"}),
 }
 ABLATION = ["loire", "loire-zero", "loire-random"]
+# The `long` benchmark's run order (what `--budget long` runs when neither --runs nor --strategies is
+# given): `loire` and its strongest rivals on seed 0 first, then the seeds for mean ± std, then the
+# operator ablation's seeds and the one-change variants of `loire`. Finished runs are skipped.
+PLANNED_LONG = [
+    *[(n, 0) for n in ["loire", "loire-er", "loire-kdfull", "elle-er", "retrain", "loire-zero", "loire-random"]],
+    *[(n, 0) for n in ["loire-nokd", "loire-noreplay", "elle", "fixed-large", "token-kd", "replay", "fixed-small"]],
+    *[(n, s) for s in (1, 2) for n in ["loire", "loire-er", "elle-er", "retrain", "replay", "fixed-large"]],
+    *[(n, s) for s in (1, 2) for n in ["elle", "token-kd", "fixed-small", "loire-zero", "loire-random"]],
+    *[(n, 0) for n in ["loire-r10", "loire-r10-nokd", "loire-split"]],
+]
 # The issue's comparison set for LOIRE's last-stage AP: every strategy except retrain.
 COMPARED = ["loire-er", "fixed-small", "fixed-large", "token-kd", "replay", "elle", "elle-er"]
 
@@ -416,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="long")
-    parser.add_argument("--strategies", default=",".join([*MAIN, "elle-er", *ABLATION[1:]]))
+    parser.add_argument("--strategies", default=None, help="default: all (the planned order for --budget long)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--runs", help="explicit STRATEGY:SEED,... order (instead of --strategies x --seeds)")
     parser.add_argument("--jobs", type=int, default=2)
@@ -431,16 +442,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         return worker(args)
     if not args.report:
-        names = args.strategies.split(",")
+        names = (args.strategies or ",".join([*MAIN, "elle-er", *ABLATION[1:]])).split(",")
         for name in names:
             strategy_for(name)
         seeds = [int(s) for s in args.seeds.split(",")]
         # seed-major (every strategy's first seed before any second seed), or the order --runs gives
-        order = (
-            [(n, int(k)) for n, k in (r.split(":") for r in args.runs.split(","))]
-            if args.runs
-            else [(n, s) for s in seeds for n in names]
-        )
+        if args.runs:
+            order = [(n, int(k)) for n, k in (r.split(":") for r in args.runs.split(","))]
+        elif args.strategies is None and args.budget == "long" and args.steps is None:
+            order = PLANNED_LONG
+        else:
+            order = [(n, s) for s in seeds for n in names]
         for name, _ in order:
             strategy_for(name)
         todo = [(n, s) for n, s in order if args.redo or not run_file(label(args), n, s).exists()]
