@@ -317,7 +317,11 @@ def targets(summary: pd.DataFrame) -> list[str]:
         o = summary.loc[other]
         diff = o.ap_mean - me.ap_mean
         spread = (0 if pd.isna(me.ap_std) else me.ap_std) + (0 if pd.isna(o.ap_std) else o.ap_std)
-        verdict = "NOT lower" if diff <= 0 else "lower, " + ("beyond" if diff > spread else "within") + " the spread"
+        if min(me.ap_count, o.ap_count) < 2:
+            verdict = ("lower" if diff > 0 else "NOT lower") + " (one seed: spread not measured yet)"
+        else:
+            where = "beyond" if diff > spread else "within"
+            verdict = "NOT lower" if diff <= 0 else f"lower, {where} the spread"
         out.append(
             f"`loire` last-stage AP {pm(me.ap_mean, me.ap_std)} vs `{other}` {pm(o.ap_mean, o.ap_std)}: "
             f"{verdict} (difference {diff:+.1f}, summed std {spread:.1f})"
