@@ -490,39 +490,21 @@ _GPU_START = dict(
 _GPU_GROWTH = ({}, {"hidden": 768}, {"ffn": 3072}, {"heads": 12}, {"layers": 12})
 
 
-def _tiny_ladder(preset_name: str) -> Schedule:
+def _tiny_ladder(
+    preset_name: str, growth: Sequence[dict[str, Any]] = _TINY_GROWTH, factor: int = 1, max_train_tokens: int = 262_144
+) -> Schedule:
+    """gpt-tiny's ladder; `factor` scales its steps, warmup and distillation window."""
     return _ladder(
         preset_name,
         _TINY_START,
-        _TINY_GROWTH,
-        (200, 150, 150, 150, 150),
-        (20, 10, 10, 10, 10),
-        150,
+        growth,
+        tuple(n * factor for n in (200, 150, 150, 150, 150)),
+        tuple(w * factor for w in (20, 10, 10, 10, 10)),
+        150 * factor,
         4096,
         later_lr=1e-3,
         beta_total=4.0,
-        **_TINY_STAGE,
-    )
-
-
-# The `long` benchmark budget: gpt-tiny's ladder at 5x the steps (and warmup, and window), with a token
-# budget large enough that a stage sees about one epoch of its domain instead of three passes over 262k
-# tokens (750 steps x 16 x 64 = 768k tokens).
-_LONG_FACTOR = 5
-
-
-def _tiny_long_ladder() -> Schedule:
-    return _ladder(
-        "gpt-tiny",
-        _TINY_START,
-        _TINY_GROWTH,
-        tuple(n * _LONG_FACTOR for n in (200, 150, 150, 150, 150)),
-        tuple(w * _LONG_FACTOR for w in (20, 10, 10, 10, 10)),
-        150 * _LONG_FACTOR,
-        4096,
-        later_lr=1e-3,
-        beta_total=4.0,
-        **{**_TINY_STAGE, "max_train_tokens": 1_048_576},
+        **{**_TINY_STAGE, "max_train_tokens": max_train_tokens},
     )
 
 
@@ -534,18 +516,7 @@ _FROM_BASE_GROWTH = ({"hidden": "x1.25"}, {"ffn": "x1.25"}, {"heads": "x1.25"}, 
 
 
 def _from_base_ladder() -> Schedule:
-    return _ladder(
-        "gpt-tiny",
-        _TINY_START,
-        _FROM_BASE_GROWTH,
-        (200, 150, 150, 150, 150),
-        (20, 10, 10, 10, 10),
-        150,
-        4096,
-        later_lr=1e-3,
-        beta_total=4.0,
-        **_TINY_STAGE,
-    )
+    return _tiny_ladder("gpt-tiny", _FROM_BASE_GROWTH)
 
 
 _MICRO_START = dict(
@@ -564,7 +535,9 @@ SCHEDULES: dict[str, Schedule] = {
     # (tuned on WB → NEWS: AP+ 534 with a 50-step window at weight 1, 157 with these settings).
     "gpt-tiny": _tiny_ladder("gpt-tiny"),
     # The `long` benchmark budget (bench/lifelong.py --budget long): 1000 + 4 x 750 steps.
-    "gpt-tiny-long": _tiny_long_ladder(),
+    # 5x the steps, warmup and window, and a token budget of about one epoch of each domain instead of three
+    # passes over 262k tokens (750 steps x 16 x 64 = 768k tokens).
+    "gpt-tiny-long": _tiny_ladder("gpt-tiny", factor=5, max_train_tokens=1_048_576),
     "bert-tiny": _tiny_ladder("bert-tiny"),
     # CPU, seconds per stage: the same ladder at a quarter of the width, for `loire demo --quick` and tests.
     "gpt-micro": _ladder(
