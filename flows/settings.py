@@ -67,6 +67,23 @@ class PipelineSettings(BaseModel):
     downstream_tolerance: float = Field(
         0.02, ge=0, description="Promotion gate: downstream average may fall this much below the champion's."
     )
+    rejected_policy: Literal["carry", "skip"] = Field(
+        "carry",
+        description="What happens to the data of an arrival whose stage was not promoted: carry (it stays pending; "
+        "the next stage trains on its own arrival and every pending one, so the champion covers every arrived "
+        "domain) or skip (dropped, the old behaviour; logged loudly and listed in loire.pending). See loire.arrivals.",
+    )
+    mlflow_ui_url: str | None = Field(
+        None,
+        description="Base URL of the MLflow UI for the links in the Prefect artifacts when the tracking URI is not "
+        "an http(s) server (e.g. SQLite: the address `mlflow ui` serves on; default http://127.0.0.1:5000).",
+    )
+    crash_resumes: int = Field(
+        3,
+        ge=0,
+        description="Automatic reschedules of a crashed stage run (the crash-recovery automation and the serve "
+        "process's orphan check, flows.automation); 0 disables them (then `loire resume-crashed` is the way back).",
+    )
     downstream_tasks: str = Field(
         "seen", description="'seen' (the catalogue's tasks of every seen domain), 'none', or comma-separated names."
     )

@@ -52,6 +52,7 @@ def stage_summary(record: dict[str, Any], out_dir: str) -> dict[str, Any]:
         "growth": record["growth"],
         "dims": record["dims"],
         "resumed_from": record["train"]["resumed_from"],
+        "carried": record.get("carried") or [],
     }
 
 
@@ -119,6 +120,7 @@ def train_stage(
     tracking_uri: str | None = None,
     nproc: int | None = None,
     fsdp: bool = False,
+    extra_corpora: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Grow the parent by the schedule, train on the corpus (with distillation), write the stage folder."""
     logger = get_run_logger()
@@ -146,6 +148,7 @@ def train_stage(
         earlier_corpora=earlier_corpora,
         device=device,
         fsdp=fsdp,
+        extra_corpora=extra_corpora or None,  # pending domains carried into this stage (loire.arrivals)
     )
     try:
         if workers > 1:
