@@ -44,6 +44,7 @@ from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from flows import carry
+from flows.automation import crash_guard
 from flows.downstream import downstream_eval
 from flows.landing import Arrival, fetch_batch, fetch_uri
 from flows.redact import redact
@@ -447,6 +448,9 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
     logger = get_run_logger()
     cfg = load_settings(settings)
     arr = Arrival.from_params(arrival)
+    crashes = crash_guard(cfg.crash_resumes)  # bounded automatic recovery (flows.automation)
+    if crashes:
+        logger.warning("this run crashed %d time(s) before: resuming it (from the last checkpoint)", crashes)
     logger.info("arrival %s (domain %s, ETag %s)", arr.batch_uri, arr.domain, arr.etag)
 
     existing = find_existing(cfg, arr.batch_uri, arr.etag)
