@@ -106,8 +106,18 @@ def zombie_automation() -> Any:
     )
 
 
-def _ensure(wanted: Any, present: bool) -> str:
-    """Create, update or delete the automation named like `wanted`; returns what was done."""
+def _same(a: Any, b: Any) -> bool:
+    fields = ("description", "enabled", "trigger", "actions")
+    return all(
+        a.model_dump(mode="json", include={f}) == b.model_dump(mode="json", include={f})
+        for f in fields
+        if f != "trigger"
+    ) and a.trigger.model_dump(mode="json", exclude={"id"}) == b.trigger.model_dump(mode="json", exclude={"id"})
+
+
+def _ensure(wanted: Any, present: bool, dry_run: bool = False) -> str:
+    """Create, update or delete the automation named like `wanted`; returns what was (or would be) done:
+    created / updated / exists / deleted / absent."""
     from prefect.automations import Automation
 
     try:
@@ -117,25 +127,30 @@ def _ensure(wanted: Any, present: bool) -> str:
     if not present:
         if existing is None:
             return "absent"
-        existing.delete()
+        if not dry_run:
+            existing.delete()
         return "deleted"
     if existing is None:
-        wanted.create()
+        if not dry_run:
+            wanted.create()
         return "created"
-    wanted.id = existing.id
-    wanted.update()
+    if _same(existing, wanted):
+        return "exists"
+    if not dry_run:
+        wanted.id = existing.id
+        wanted.update()
     return "updated"
 
 
-def ensure_crash_automation(crash_resumes: int) -> str:
+def ensure_crash_automation(crash_resumes: int, dry_run: bool = False) -> str:
     """Install (crash_resumes > 0) or remove (0) the reschedule automation; idempotent."""
-    done = _ensure(crash_automation(), crash_resumes > 0)
+    done = _ensure(crash_automation(), crash_resumes > 0, dry_run)
     logger.info("automation %s: %s (crash_resumes=%d)", AUTOMATION_NAME, done, crash_resumes)
     return done
 
 
-def ensure_zombie_automation(present: bool = True) -> str:
-    return _ensure(zombie_automation(), present)
+def ensure_zombie_automation(present: bool = True, dry_run: bool = False) -> str:
+    return _ensure(zombie_automation(), present, dry_run)
 
 
 # ------------------------------------------------------------------------------------ in the flows
