@@ -195,8 +195,8 @@ def summary_table(results: list[dict[str, Any]], max_ap_plus: float | None = Non
     gate = "" if max_ap_plus is None else f" (gate <= {max_ap_plus:g})"
     table = Table(title="LOIRE lifelong stages (embedded demo)", show_lines=True)
     for column, width in (
-        ("arrival", 8),
         ("stage", 5),
+        ("domain", 8),
         ("version", 7),
         ("AP", 6),
         (f"AP+{gate}", 9),
@@ -208,8 +208,8 @@ def summary_table(results: list[dict[str, Any]], max_ap_plus: float | None = Non
         table.add_column(column, overflow="fold", min_width=min(width, 8))
     for r in results:
         table.add_row(
-            r.get("domain", "-"),
             str(r.get("stage", "-")),
+            r.get("domain", "-"),
             str(r.get("version", "-")),
             f"{r['ap']:.1f}" if r.get("ap") is not None else "-",
             f"{r['ap_plus']:.1f}" if r.get("ap_plus") is not None else "- (first)",
