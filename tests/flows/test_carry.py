@@ -59,6 +59,20 @@ def test_gate_rejects_stage_3_and_the_next_stage_carries_it(
     assert "carried REV" in champion.description and "promoted to champion" in champion.description
     assert tracker.client.get_registered_model("loire-lm").description
 
+    # the Prefect lineage artifact shows coverage, and links to the real experiment of the runs
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lifelong-lineage"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
+    assert "**WB, NEWS, REV, BIO**" in artifact.data and "REV (" in artifact.data, artifact.data[:2000]
+    assert f"/#/experiments/{tracker.experiment_id()}/runs/" in artifact.data
+
     from typer.testing import CliRunner
 
     from loire.cli import app
