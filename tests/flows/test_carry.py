@@ -75,7 +75,7 @@ def test_gate_rejects_stage_3_and_the_next_stage_carries_it(
 
     from typer.testing import CliRunner
 
-    from loire.cli import app
+    from flows.cli import app  # the library's app with the pipeline's commands (lineage) registered
 
     shown = CliRunner().invoke(
         app, ["lineage", "--tracking-uri", settings.tracking_uri], env={"COLUMNS": "300"}, catch_exceptions=False
