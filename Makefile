@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all lint demo demo-quick growth-demo bench clean
+.PHONY: install test test-all lint demo demo-quick growth-demo bench clean distclean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,5 +41,9 @@ bench: install
 	$(PY) bench/throughput.py
 	$(PY) bench/grow.py
 
+# Demo output and caches; the venv stays (`make distclean` removes it too).
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache loire-demo loire-demo-quick
+	rm -rf .pytest_cache .ruff_cache loire-demo loire-demo-quick
+
+distclean: clean
+	rm -rf $(VENV)

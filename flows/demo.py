@@ -30,6 +30,8 @@ from rich.table import Table
 
 from loire.domains import DOMAINS
 
+MLFLOW_UI_PORT = 5000
+
 
 @dataclass(frozen=True)
 class DemoProfile:
@@ -104,6 +106,7 @@ def demo_env(out: Path, profile: DemoProfile, data_root: Path, catalogue: str | 
         # Fine-tuning a demo-sized model on a few dozen examples moves scores by several points from
         # noise alone: the demo tolerates 10 points before it keeps the champion (production: 0.02).
         LOIRE_DOWNSTREAM_TOLERANCE=env.get("LOIRE_DOWNSTREAM_TOLERANCE", "0.1"),
+        LOIRE_MLFLOW_UI_URL=env.get("LOIRE_MLFLOW_UI_URL", f"http://127.0.0.1:{MLFLOW_UI_PORT}"),
     )
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
     if catalogue is not None:
@@ -114,15 +117,39 @@ def demo_env(out: Path, profile: DemoProfile, data_root: Path, catalogue: str | 
 
 
 def drop_corpus(source: Path, landing: Path, domain: str, batch: str = "batch-0001") -> Path:
-    """Copy a corpus folder into the landing zone, then write `_SUCCESS` last (the trigger)."""
+    """Copy a corpus folder into the landing zone, then write `_SUCCESS` last (the trigger). A batch already
+    there is replaced (a re-published batch); nothing half-copied is left behind on failure."""
     dest = landing / domain / batch
     tmp = landing / f".{domain}-{batch}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, dest)
+    try:
+        shutil.copytree(source, tmp)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():  # os.replace cannot replace a non-empty folder ([Errno 39])
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     (dest / "_SUCCESS").write_text("")
     return dest
+
+
+# What a demo leaves in OUT; a second run starts afresh by removing exactly these (never anything else).
+DEMO_STATE = ("prefect", "landing", "work", "logs", "synthetic", "mlruns", "mlflow.db")
+
+
+def clear_previous_demo(out: Path, console: Console) -> None:
+    """Remove the state of an earlier demo in `out`, so a second `make demo` is a fresh run."""
+    found = [name for name in DEMO_STATE if (out / name).exists()]
+    if not found:
+        return
+    console.print(f"{out} holds an earlier demo ({', '.join(found)}): removing it for a fresh run")
+    for name in found:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def wait_flow_run(run_id: str, timeout_s: float) -> Any:
@@ -161,21 +188,35 @@ def _corpus_source(data: Path | None, out: Path, console: Console) -> tuple[Path
     return root, str(root / "tasks.yaml")
 
 
-def summary_table(results: list[dict[str, Any]]) -> Table:
-    table = Table(title="LOIRE lifelong stages (embedded demo)")
-    for column in ("stage", "domain", "version", "AP", "AP+", "downstream avg", "champion", "note"):
-        table.add_column(column)
+def summary_table(results: list[dict[str, Any]], max_ap_plus: float | None = None) -> Table:
+    """One row per arrival: AP (mean perplexity over the seen domains; lower is better), AP+ (mean rise of the
+    earlier domains' perplexity: forgetting; below 0 is none) beside its gate, the downstream average, what the
+    stage trained on besides its own domain, and the promotion decision with the gates that decided it."""
+    gate = "" if max_ap_plus is None else f" (gate <= {max_ap_plus:g})"
+    table = Table(title="LOIRE lifelong stages (embedded demo)", show_lines=True)
+    for column, width in (
+        ("stage", 5),
+        ("domain", 8),
+        ("version", 7),
+        ("AP", 6),
+        (f"AP+{gate}", 9),
+        ("downstream avg", 10),
+        ("also trained on", 10),
+        ("champion", 8),
+        ("gates checked", 40),
+    ):
+        table.add_column(column, overflow="fold", min_width=min(width, 8))
     for r in results:
         table.add_row(
             str(r.get("stage", "-")),
             r.get("domain", "-"),
             str(r.get("version", "-")),
             f"{r['ap']:.1f}" if r.get("ap") is not None else "-",
-            f"{r['ap_plus']:.1f}" if r.get("ap_plus") is not None else "-",
+            f"{r['ap_plus']:.1f}" if r.get("ap_plus") is not None else "- (first)",
             f"{100 * r['downstream_average']:.1f}" if r.get("downstream_average") is not None else "-",
+            ", ".join(r.get("carried") or []) or "-",
             "yes" if r.get("promoted") else "no",
-            "; ".join(x.removeprefix("fail: ") for x in r.get("reasons") or [] if x.startswith("fail"))
-            or r.get("error", ""),
+            "\n".join(r.get("reasons") or []) or r.get("error", ""),
         )
     return table
 
@@ -183,9 +224,12 @@ def summary_table(results: list[dict[str, Any]]) -> Table:
 def run_demo(*, quick: bool, data: Path | None, out: Path, console: Console | None = None) -> list[dict[str, Any]]:
     """Run the embedded pipeline over the five domains; returns one result dict per stage."""
     console = console or Console()
+    if not console.is_terminal:  # piped or logged: rich would squeeze the tables into 80 columns
+        console.width = max(console.width, 160)
     profile = QUICK if quick else FULL
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    clear_previous_demo(out, console)
     landing = out / "landing"
     landing.mkdir(exist_ok=True)
     started = time.perf_counter()
@@ -194,6 +238,10 @@ def run_demo(*, quick: bool, data: Path | None, out: Path, console: Console | No
     api_url = f"http://127.0.0.1:{port}/api"
     env = demo_env(out, profile, data_root, catalogue, api_url)
     os.environ.update({k: v for k, v in env.items() if k.startswith(("PREFECT_", "MLFLOW_", "LOIRE_"))})
+    from flows.settings import load_settings
+
+    cfg = load_settings()
+    console.print(_gates_line(cfg))
     server_cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     results: list[dict[str, Any]] = []
     with background(server_cmd, env, out / "logs" / "prefect-server.log") as server:
@@ -223,25 +271,81 @@ def run_demo(*, quick: bool, data: Path | None, out: Path, console: Console | No
                 run = wait_flow_run(run_ids[-1], profile.stage_timeout_s)
                 result = _stage_result(run, domain)
                 results.append(result)
-                console.print(
-                    f"  stage flow run {run.name} {run.state.name}: "
-                    + (
-                        f"version {result.get('version')}, AP {result.get('ap', float('nan')):.1f}"
-                        if "ap" in result
-                        else result.get("error", "")
-                    )
-                )
+                console.print(f"  stage flow run {run.name} {run.state.name}: {_stage_line(result)}")
             _wait_runner_idle(runner_url, served, timeout_s=60)
-    console.print(summary_table(results))
+    console.print(summary_table(results, cfg.max_ap_plus))
     _print_lineage(console)
-    console.print(
-        f"\ndone in {time.perf_counter() - started:.0f} s. Where to look:\n"
-        f"  MLflow:  mlflow ui --backend-store-uri {env['MLFLOW_TRACKING_URI']}  (registered model loire-lm)\n"
-        f"  Prefect: PREFECT_HOME={out / 'prefect'} prefect server start  (flow runs, artifacts lifelong-ppl,"
-        " lifelong-lineage)\n"
-        f"  logs:    {out / 'logs'}; stage folders: {out / 'work' / 'stages'}"
-    )
+    _print_coverage(console, cfg.model_name)
+    console.print(_where_to_look(out, env, time.perf_counter() - started))
     return results
+
+
+def _gates_line(cfg: Any) -> str:
+    ap_gate = "off" if cfg.max_ap_plus is None else f"AP+ <= {cfg.max_ap_plus:g} perplexity points (forgetting bound)"
+    return (
+        f"gates a stage must pass to become champion: {ap_gate}; downstream average on the tasks the champion "
+        f"was scored on >= champion's - {cfg.downstream_tolerance:g}; grown from the current champion. "
+        f"A rejected stage's data stays owed: policy {cfg.rejected_policy!r}"
+        + (" (the next stage trains on it too)" if cfg.rejected_policy == "carry" else " (dropped)")
+    )
+
+
+def _stage_line(result: dict[str, Any]) -> str:
+    if "ap" not in result:
+        return str(result.get("error", ""))
+    line = f"version {result.get('version')} (stage {result.get('stage')}), AP {result['ap']:.1f}"
+    if result.get("carried"):
+        line += f", also trained on the owed {', '.join(result['carried'])}"
+    line += ", champion" if result.get("promoted") else ", NOT promoted"
+    checked = "; ".join(result.get("reasons") or [])
+    return line + (f"\n    gates: {checked}" if checked else "")
+
+
+def _print_coverage(console: Console, model_name: str) -> None:
+    from flows.tracking import Tracker
+
+    try:
+        champion = Tracker(model_name=model_name).champion()
+    except Exception as exc:
+        console.print(f"[yellow]no champion to show: {exc}[/]")
+        return
+    if champion is None:
+        console.print("[yellow]no champion: no stage passed its gates[/]")
+        return
+    covers = [d for d in (champion.tags.get("loire.covers") or "").split(",") if d]
+    missing = [d for d in DOMAINS if d not in covers]
+    console.print(
+        f"champion: {model_name} v{champion.version}, trained on {', '.join(covers) or '-'}"
+        + (
+            " — every arrived domain"
+            if not missing
+            else f" — still owed: {', '.join(missing)} (the next arrival's stage trains on it too)"
+        )
+    )
+
+
+def _where_to_look(out: Path, env: dict[str, str], seconds: float) -> str:
+    """Commands that run as shown (the venv's executables by absolute path: `make demo` does not activate it)."""
+    bin_dir = Path(sys.executable).parent
+    mlflow = bin_dir / "mlflow" if (bin_dir / "mlflow").exists() else f"{sys.executable} -m mlflow"
+    prefect = bin_dir / "prefect" if (bin_dir / "prefect").exists() else f"{sys.executable} -m prefect"
+    uri = env["MLFLOW_TRACKING_URI"]
+    mlflow_cmd = (
+        f"{mlflow} ui --backend-store-uri {uri} --port {MLFLOW_UI_PORT}"
+        if not uri.startswith("http")
+        else f"open {uri}"
+    )
+    return (
+        f"\ndone in {seconds:.0f} s. Where to look:\n"
+        f"  MLflow UI:  cd {out} && {mlflow_cmd}\n"
+        f"              then http://127.0.0.1:{MLFLOW_UI_PORT}: experiment 'loire' (one run per stage),\n"
+        "              Models > loire-lm (one version per arrival; tags loire.covers / loire.pending;\n"
+        "              the Description column: stage, AP, coverage, promotion decision)\n"
+        f"  Prefect UI: PREFECT_HOME={out / 'prefect'} {prefect} server start\n"
+        "              then http://127.0.0.1:4200: flow runs lifelong-stage, artifacts lifelong-ppl, lifelong-lineage\n"
+        f"  lineage:    MLFLOW_TRACKING_URI={uri} {bin_dir / 'loire'} lineage\n"
+        f"  logs:       {out / 'logs'}; stage folders: {out / 'work' / 'stages'}"
+    )
 
 
 def _wait_deployments(served: subprocess.Popen[bytes], timeout_s: float) -> None:

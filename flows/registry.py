@@ -189,10 +189,17 @@ class Tracker(RunLog):
                 raise
 
     def register_stage(
-        self, run_id: str, stage_dir: str | os.PathLike[str], *, parent_version: str | None
+        self,
+        run_id: str,
+        stage_dir: str | os.PathLike[str],
+        *,
+        parent_version: str | None,
+        extra_tags: Mapping[str, str] | None = None,
+        description: str | None = None,
     ) -> ModelVersion:
         """Log the stage folder as a transformers model (+ tokenizer + stage.json) and register it as a new
-        version of `model_name` with alias `candidate`; an arrival already registered returns its version."""
+        version of `model_name` with alias `candidate`; an arrival already registered returns its version.
+        `extra_tags` (e.g. the pipeline's `loire.covers` / `loire.pending`) override the default tags."""
         record = read_stage(stage_dir)
         run = self._call("get_run", self.client.get_run, run_id)
         corpus_uri, etag = _arrival_of(run, record)
@@ -207,7 +214,7 @@ class Tracker(RunLog):
             self._version(parent_version)  # fail before uploading anything when the parent is unknown
         self._drop_incomplete(corpus_uri, etag)
         model_id = self._log_stage_model(run, Path(stage_dir), record)
-        tags = self._version_tags(record, corpus_uri, etag, parent_version)
+        tags = {**self._version_tags(record, corpus_uri, etag, parent_version), **(extra_tags or {})}
         # A database registry store resolves `models:/<id>` through MLflow's process-wide tracking URI.
         with _global_tracking_uri(self.tracking_uri):
             version = self._call(
@@ -217,6 +224,7 @@ class Tracker(RunLog):
                 source=f"models:/{model_id}",
                 run_id=run_id,
                 tags=tags,
+                description=description,
                 model_id=model_id,
                 await_creation_for=0,
             )
@@ -246,6 +254,18 @@ class Tracker(RunLog):
             "loire.corpus_etag": _tag(etag),
             "loire.arrival": arrival_key(corpus_uri, etag),
             "loire.growth": _tag(json.dumps({k: growth.get(k) for k in ("targets", "operator", "max_abs_logit_diff")})),
+            # Domains the model was trained on, in arrival order (the pipeline passes the registry's view,
+            # which adds domains carried by earlier stages) and those still owed (see loire.arrivals).
+            "loire.covers": ",".join(
+                dict.fromkeys(
+                    [
+                        *(str(e["domain"]) for e in (record.get("lineage") or [])[:-1]),
+                        *(str(c["domain"]) for c in record.get("carried") or []),
+                        str(record["domain"]),
+                    ]
+                )
+            ),
+            "loire.pending": "",
         }
 
     def _ensure_registered_model(self) -> None:
@@ -538,6 +558,8 @@ class Tracker(RunLog):
             "run_id": mv.run_id,
             "ap": metrics.get("eval/ap"),
             "ap_plus": metrics.get("eval/ap_plus"),
+            "covers": mv.tags.get("loire.covers", ""),
+            "pending": mv.tags.get("loire.pending", ""),
         }
 
 

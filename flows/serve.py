@@ -146,6 +146,27 @@ def resume_crashed(
     return done
 
 
+def recover_on_start() -> None:
+    """Install (or, with crash_resumes 0, remove) the crash-recovery automation and mark the runs a killed serve
+    process left Running Crashed, so the automation reschedules them (flows.automation)."""
+    import sys
+
+    from flows.automation import crash_orphans, ensure_crash_automation
+    from flows.settings import load_settings
+
+    try:
+        resumes = load_settings().crash_resumes
+    except ValueError:
+        resumes = 0
+    try:
+        ensure_crash_automation(resumes)
+        if resumes:
+            for run_id in crash_orphans():
+                print(f"flow run {run_id} was left running by a process that is gone: marked Crashed", file=sys.stderr)
+    except Exception as exc:  # recovery is an extra; serving must not depend on it
+        print(f"crash recovery not installed: {exc}", file=sys.stderr)
+
+
 def runner_limit() -> int | None:
     """Flow runs this process executes at once: 1 in the embedded mode (see Order above), else no limit."""
     from flows.settings import load_settings
@@ -158,6 +179,7 @@ def runner_limit() -> int | None:
 
 
 def main() -> None:  # pragma: no cover - a long-running process, exercised by the demo and pipeline tests
+    recover_on_start()
     serve(*deployments(), limit=runner_limit(), pause_on_shutdown=False, print_starting_message=False)
 
 

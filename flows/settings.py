@@ -60,12 +60,32 @@ class PipelineSettings(BaseModel):
     )
     fsdp: bool = Field(False, description="Under torchrun: shard the model with FSDP instead of DDP (LOIRE_FSDP).")
     max_ap_plus: float | None = Field(
-        500.0,
-        description="Promotion gate: AP+ at or below this (None: no AP+ gate). In perplexity points, so it depends "
-        "on the model size: 500 suits the CPU presets (fine-tuning a fixed model reaches ~1000 there).",
+        100.0,
+        description="Promotion gate: AP+ (mean rise of the earlier domains' perplexity since each was learnt) at or "
+        "below this (None: no AP+ gate). In perplexity points, so it depends on the model size. At the CPU presets "
+        "(bench/results/lifelong.md, gpt-tiny) the default strategy `loire` (replay + distillation) keeps AP+ below 0, "
+        "LOIRE without replay shows 157-454 and fine-tuning a fixed model 287-1284: 100 rejects real forgetting "
+        "there. Use a few points for base-sized models.",
     )
     downstream_tolerance: float = Field(
         0.02, ge=0, description="Promotion gate: downstream average may fall this much below the champion's."
+    )
+    rejected_policy: Literal["carry", "skip"] = Field(
+        "carry",
+        description="What happens to the data of an arrival whose stage was not promoted: carry (it stays pending; "
+        "the next stage trains on its own arrival and every pending one, so the champion covers every arrived "
+        "domain) or skip (dropped, the old behaviour; logged loudly and listed in loire.pending). See loire.arrivals.",
+    )
+    mlflow_ui_url: str | None = Field(
+        None,
+        description="Base URL of the MLflow UI for the links in the Prefect artifacts when the tracking URI is not "
+        "an http(s) server (e.g. SQLite: the address `mlflow ui` serves on; default http://127.0.0.1:5000).",
+    )
+    crash_resumes: int = Field(
+        3,
+        ge=0,
+        description="Automatic reschedules of a crashed stage run (the crash-recovery automation and the serve "
+        "process's orphan check, flows.automation); 0 disables them (then `loire resume-crashed` is the way back).",
     )
     downstream_tasks: str = Field(
         "seen", description="'seen' (the catalogue's tasks of every seen domain), 'none', or comma-separated names."

@@ -43,6 +43,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
+from flows import carry
+from flows.automation import crash_guard
 from flows.downstream import downstream_eval
 from flows.landing import Arrival, fetch_batch, fetch_uri
 from flows.redact import redact
@@ -117,6 +119,35 @@ def fetch_earlier(settings: PipelineSettings, parent_dir: str | None) -> dict[st
     return out
 
 
+@task(name="owed-arrivals", **MLFLOW_TASK)
+def owed_arrivals(
+    settings: PipelineSettings, arr: Arrival, parent: dict[str, Any], parent_stage: int | None
+) -> dict[str, Any]:
+    """Which pending arrivals (registered, not promoted, not covered by the champion) this stage owes and, by the
+    `rejected_policy` setting, trains on as well; what the new version will cover (loire.arrivals)."""
+    from flows.tracking import arrival_key
+
+    chain = [str(e["version"]) for e in parent["lineage"]]
+    return carry.stage_plan(
+        _tracker(settings),
+        settings.rejected_policy,
+        chain,
+        arrival_key(arr.batch_uri, arr.etag),
+        arr.domain,
+        parent_stage,
+    )
+
+
+@task(name="fetch-carried-corpora", **IO_RETRIES)
+def fetch_carried(settings: PipelineSettings, carried: list[dict[str, Any]]) -> dict[str, str]:
+    """Local copies of the pending arrivals' corpora (domain -> folder) that this stage trains on as well."""
+    cache = Path(settings.work_dir) / "corpora"
+    return {
+        c["domain"]: str(fetch_uri(c["corpus_uri"], cache / "by-uri", max_object_bytes=settings.max_object_bytes))
+        for c in carried
+    }
+
+
 @task(name="validate-corpus")
 def validate_corpus(corpus_dir: str, batch_uri: str) -> dict[str, int]:
     """Load the corpus once before any training: a `CorpusError` names the file and line and fails the stage."""
@@ -159,6 +190,7 @@ def start_run(settings: PipelineSettings, arr: Arrival, stage: int, parent_versi
 @task(name="log-stage", **MLFLOW_TASK)
 def log_stage(settings: PipelineSettings, run_id: str, out_dir: str, plot: str | None) -> None:
     record = read_stage(out_dir)
+    carried = record.get("carried") or []
     tracker = _tracker(settings)
     tracker.log_stage_metrics(run_id, record, plot=plot)
     schedule = stage_spec(Schedule.from_dict(record["schedule"]), record["stage"]).to_dict()
@@ -170,13 +202,32 @@ def log_stage(settings: PipelineSettings, run_id: str, out_dir: str, plot: str |
             "beta": schedule.get("beta"),
             "distill_steps": schedule.get("distill_steps"),
             "train_tokens": record["train"]["tokens"],
+            "carried": {
+                c["domain"]: {"share": round(c["share"], 4), "train_blocks": c["train_blocks"]} for c in carried
+            }
+            or "none",
         },
     )
+    if carried:
+        tracker.log_metrics(run_id, {f"eval/ppl_carried/{c['domain']}": c["ppl"] for c in carried})
 
 
 @task(name="register-model", **MLFLOW_TASK)
-def register(settings: PipelineSettings, run_id: str, out_dir: str, parent_version: str | None) -> str:
-    return str(_tracker(settings).register_stage(run_id, Path(out_dir), parent_version=parent_version).version)
+def register(
+    settings: PipelineSettings, run_id: str, out_dir: str, parent_version: str | None, owed: dict[str, Any]
+) -> str:
+    record = read_stage(out_dir)
+    return str(
+        _tracker(settings)
+        .register_stage(
+            run_id,
+            Path(out_dir),
+            parent_version=parent_version,
+            extra_tags=carry.version_tags(owed),
+            description=carry.description(record, owed, "promotion pending"),
+        )
+        .version
+    )
 
 
 @task(name="promote", **MLFLOW_TASK)
@@ -285,14 +336,37 @@ def _end_run(settings: PipelineSettings, run_id: str, *, failed: bool) -> None:
         get_run_logger().warning("could not close MLflow run %s: %s", run_id, exc)
 
 
+def _decision_line(settings: PipelineSettings, decision: dict[str, Any]) -> str:
+    if decision["promoted"]:
+        return "promoted to champion"
+    failed = "; ".join(r.removeprefix("fail: ") for r in decision["reasons"] if r.startswith("fail")) or "rejected"
+    after = (
+        "its data stays owed (carried by the next stage)"
+        if settings.rejected_policy == "carry"
+        else "its data is dropped (policy skip)"
+    )
+    return f"not promoted ({failed}); {after}"
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
 def _mlflow_links(settings: PipelineSettings, version: str, run_id: str) -> tuple[str, str]:
+    """Links into the MLflow UI: the configured tracking server (else `mlflow ui`'s default address) and the
+    experiment the stage runs live in."""
     uri = redact(settings.resolved_tracking_uri() or "")
-    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base}/#/models/{settings.model_name}/versions/{version}", f"{base}/#/experiments/0/runs/{run_id}"
+    base = (
+        uri.rstrip("/") if uri.startswith("http") else (settings.mlflow_ui_url or "http://127.0.0.1:5000").rstrip("/")
+    )
+    try:
+        experiment = _tracker(settings).experiment_id()
+    except Exception:  # a link is cosmetic
+        experiment = "0"
+    return (
+        f"{base}/#/models/{settings.model_name}/versions/{version}",
+        f"{base}/#/experiments/{experiment}/runs/{run_id}",
+    )
 
 
 def _publish(
@@ -303,7 +377,9 @@ def _publish(
     decision: dict[str, Any],
     downstream: list[dict[str, Any]],
     plot: str | None,
+    owed: dict[str, Any] | None = None,
 ) -> None:
+    owed = owed or {"covers": [], "pending": [], "carry": [], "policy": settings.rejected_policy}
     create_table_artifact(
         ppl_rows(record),
         key="lifelong-ppl",
@@ -316,16 +392,33 @@ def _publish(
         "",
         f"- promotion: **{'champion' if decision['promoted'] else 'not promoted'}**"
         + ("" if decision["promoted"] else f" — {'; '.join(decision['reasons'])}"),
-        f"- AP {record['ap']:.2f}, AP+ {_fmt(record['ap_plus'])}",
+        f"- gates checked: {'; '.join(decision['reasons'])}",
+        f"- AP {record['ap']:.2f}, AP+ {_fmt(record['ap_plus'])}"
+        + (f" (gate: AP+ <= {settings.max_ap_plus:g})" if settings.max_ap_plus is not None else ""),
+        f"- covers (domains trained on, in arrival order): **{', '.join(owed['covers']) or '-'}**; "
+        f"pending (still owed): {', '.join(owed['pending']) or 'none'}; rejected-arrival policy `{owed['policy']}`"
+        + (" — **rejected arrivals are dropped**" if owed["policy"] == "skip" else ""),
+        *(
+            [
+                "- carried into this stage: "
+                + ", ".join(
+                    f"{c['domain']} ({100 * c['share']:.0f}% of the training blocks)"
+                    for c in record.get("carried") or []
+                )
+            ]
+            if record.get("carried")
+            else []
+        ),
         f"- growth {json.dumps(record['growth']['targets'])}, max |Δlogits| {record['growth']['max_abs_logit_diff']}",
         f"- MLflow: [model version]({model_link}) · [run]({run_link})"
         + ("" if (settings.resolved_tracking_uri() or "").startswith("http") else " (start `mlflow ui` to open)"),
         "",
-        "| version | stage | domain | corpus | aliases |",
-        "|---|---|---|---|---|",
+        "| version | stage | domain | covers | pending | corpus | aliases |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {e['version']} | {e['stage']} | {e['domain']} | `{e['corpus_uri']}` | {', '.join(e['aliases'])} |"
+        f"| {e['version']} | {e['stage']} | {e['domain']} | {e.get('covers') or '-'} | {e.get('pending') or '-'} | "
+        f"`{e['corpus_uri']}` | {', '.join(e['aliases'])} |"
         for e in chain
     ]
     if downstream:
@@ -355,6 +448,9 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
     logger = get_run_logger()
     cfg = load_settings(settings)
     arr = Arrival.from_params(arrival)
+    crashes = crash_guard(cfg.crash_resumes)  # bounded automatic recovery (flows.automation)
+    if crashes:
+        logger.warning("this run crashed %d time(s) before: resuming it (from the last checkpoint)", crashes)
     logger.info("arrival %s (domain %s, ETag %s)", arr.batch_uri, arr.domain, arr.etag)
 
     existing = find_existing(cfg, arr.batch_uri, arr.etag)
@@ -373,6 +469,10 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
     validate_corpus(corpus_dir, arr.batch_uri)
     earlier = fetch_earlier(cfg, parent["parent_dir"])
     stage = plan_stage(resolve_schedule(cfg.schedule), cfg.strategy, parent["parent_dir"], steps=cfg.steps).stage
+    owed = owed_arrivals(cfg, arr, parent, None if stage == 1 else stage - 1)
+    for note in owed["notes"]:
+        (logger.warning if owed["dropped"] else logger.info)(note)
+    carried = fetch_carried(cfg, owed["carry"])
     run_id = start_run(cfg, arr, stage, parent["version"])
 
     try:
@@ -394,6 +494,7 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
                 device=cfg.device,
                 nproc=cfg.nproc,
                 fsdp=cfg.fsdp,
+                extra_corpora=carried,
                 mlflow_run_id=run_id,
                 tracking_uri=cfg.resolved_tracking_uri(),
             ),
@@ -421,7 +522,7 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
         scores = [r["mean"] for r in downstream if r["ok"]]
         average = sum(scores) / len(scores) if scores else None
 
-        version = register(cfg, run_id, str(out_dir), parent["version"])
+        version = register(cfg, run_id, str(out_dir), parent["version"], owed)
         decision = promote(
             cfg,
             version,
@@ -430,6 +531,7 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
             {r["task"]: r["mean"] for r in downstream if r["ok"]},
             parent["version"],
         )
+        carry.describe(_tracker(cfg), version, carry.description(record, owed, _decision_line(cfg, decision)))
         if decision["promoted"]:
             logger.info("version %s is the new champion (was %s)", version, decision["previous"])
         else:
@@ -439,7 +541,7 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
                 "; ".join(decision["reasons"]),
                 decision["previous"],
             )
-        _publish(cfg, record, version, run_id, decision, downstream, plot)
+        _publish(cfg, record, version, run_id, decision, downstream, plot, owed)
     except BaseException:
         _end_run(cfg, run_id, failed=True)
         raise
@@ -455,4 +557,8 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
         "reasons": decision["reasons"],
         "run_id": run_id,
         "skipped": False,
+        "covers": owed["covers"],
+        "pending": owed["pending"],
+        "carried": [c["domain"] for c in owed["carry"]],
+        "gates": decision["reasons"],
     }

@@ -32,10 +32,20 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+from flows.automation import crash_guard
 from flows.settings import resolve_schedule
 from loire.launch import launch_stage, visible_devices
 from loire.lifelong import STAGE_FILE, checkpoint_dir, plan_stage, read_stage, run_stage
 from loire.train import OnLog, TrainingDiverged
+
+
+def _crash_resumes() -> int:
+    from flows.settings import load_settings
+
+    try:
+        return load_settings().crash_resumes
+    except ValueError:
+        return 3
 
 
 def stage_summary(record: dict[str, Any], out_dir: str) -> dict[str, Any]:
@@ -52,6 +62,7 @@ def stage_summary(record: dict[str, Any], out_dir: str) -> dict[str, Any]:
         "growth": record["growth"],
         "dims": record["dims"],
         "resumed_from": record["train"]["resumed_from"],
+        "carried": record.get("carried") or [],
     }
 
 
@@ -119,9 +130,11 @@ def train_stage(
     tracking_uri: str | None = None,
     nproc: int | None = None,
     fsdp: bool = False,
+    extra_corpora: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Grow the parent by the schedule, train on the corpus (with distillation), write the stage folder."""
     logger = get_run_logger()
+    crash_guard(_crash_resumes())  # a train-stage deployment run rescheduled after a crash (flows.automation)
     out = Path(out_dir)
     if (out / STAGE_FILE).is_file():
         logger.info("stage folder %s is already complete: training is not repeated", out)
@@ -146,6 +159,7 @@ def train_stage(
         earlier_corpora=earlier_corpora,
         device=device,
         fsdp=fsdp,
+        extra_corpora=extra_corpora or None,  # pending domains carried into this stage (loire.arrivals)
     )
     try:
         if workers > 1:

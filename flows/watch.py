@@ -172,8 +172,21 @@ def start_stage(arrival: Arrival, deployment: str) -> str:
         timeout=0,
         as_subflow=False,
     )
-    run_logger().info("stage run %s (%s) for %s", run.name, run.id, arrival.idempotency_key)
+    if _just_created(run):
+        run_logger().info("new arrival %s: stage run %s (%s)", arrival.idempotency_key, run.name, run.id)
+    else:  # a listing pass sees every earlier marker again; the server returned the run it already has
+        run_logger().debug("arrival %s was handled before (stage run %s)", arrival.idempotency_key, run.name)
     return str(run.id)
+
+
+def _just_created(run: Any, window_s: float = 10.0) -> bool:
+    """Whether `run_deployment` created this run now, rather than returning the run an idempotency key already has."""
+    created = getattr(run, "created", None)
+    if created is None:
+        return True
+    from datetime import UTC, datetime
+
+    return (datetime.now(UTC) - created).total_seconds() < window_s
 
 
 class Watcher:

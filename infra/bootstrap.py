@@ -334,6 +334,32 @@ def ensure_work_pools(args: argparse.Namespace, log: Log) -> None:
         ensure_pool(client, args.gpu_pool, args.gpu_pool_type, gpu_template, args.gpu_pool_type == "kubernetes", log)
 
 
+def ensure_automations(log: Log) -> None:
+    """The crash-recovery automations (flows/automation.py): reschedule a crashed stage run in place, bounded by
+    LOIRE_CRASH_RESUMES (0 removes them), and mark stage runs whose heartbeats stopped Crashed (a lost machine;
+    workers need PREFECT_FLOWS_HEARTBEAT_FREQUENCY)."""
+    if not _require_api(log, "crash-recovery automations"):
+        return
+    from flows.automation import (
+        AUTOMATION_NAME,
+        ZOMBIE_AUTOMATION_NAME,
+        ensure_crash_automation,
+        ensure_zombie_automation,
+    )
+
+    resumes = int(os.environ.get("LOIRE_CRASH_RESUMES", "3"))
+    done = ensure_crash_automation(resumes, dry_run=log.dry_run)
+    log.say(
+        done if not log.dry_run or done in ("exists", "absent") else f"would {done[:-1]}",
+        f"automation {AUTOMATION_NAME}",
+    )
+    done = ensure_zombie_automation(resumes > 0, dry_run=log.dry_run)
+    log.say(
+        done if not log.dry_run or done in ("exists", "absent") else f"would {done[:-1]}",
+        f"automation {ZOMBIE_AUTOMATION_NAME}",
+    )
+
+
 def start_watcher(deployment_name: str, log: Log) -> None:
     """One run of the watcher deployment, unless one is already scheduled, waiting or running."""
     if not _require_api(log, "watcher run"):
@@ -497,6 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             queue_url = retrying(lambda: setup_storage(args, log), wait_s=args.wait, what="S3/SQS endpoint", log=log)
         if not args.no_prefect:
             retrying(lambda: ensure_work_pools(args, log), wait_s=args.wait, what="Prefect API", log=log)
+            retrying(lambda: ensure_automations(log), wait_s=args.wait, what="Prefect API", log=log)
         if not args.no_mlflow:
             retrying(
                 lambda: ensure_registered_model(args.tracking_uri, args.model_name, args.experiment, log),

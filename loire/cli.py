@@ -330,13 +330,15 @@ def ppl_table(summary: dict[str, Any]) -> Table:
 def render_lineage(chain: Sequence[Mapping[str, Any]]) -> Table:
     """A rich table of a `Tracker.lineage` chain."""
     table = Table(title="LOIRE lineage (oldest first)")
-    for column in ("version", "stage", "domain", "corpus", "etag", "aliases", "AP", "AP+", "run"):
-        table.add_column(column)
+    for column in ("version", "stage", "domain", "covers", "pending", "corpus", "etag", "aliases", "AP", "AP+", "run"):
+        table.add_column(column, overflow="fold")
     for entry in chain:
         table.add_row(
             str(entry["version"]),
             str(entry["stage"]),
             str(entry["domain"]),
+            str(entry.get("covers") or "-"),
+            str(entry.get("pending") or "-"),
             str(entry["corpus_uri"]),
             str(entry["etag"]),
             ", ".join(entry["aliases"]),

@@ -324,6 +324,21 @@ def _earlier_data(plan: StagePlan, domain: str, where: Mapping[str, str], tok, t
     return out
 
 
+def _mix_carried(
+    plan: StagePlan, domain: str, extra: Mapping[str, str], tok, earlier: _Earlier
+) -> dict[str, tuple[Corpus, int]]:
+    """Step 3b: domains owed by earlier stages that were not promoted, mixed into this stage's training blocks
+    (each with its domain prompt); domain -> (corpus, training blocks)."""
+    corpora = {d: load_corpus(c) for d, c in extra.items() if d != domain}
+    mix = {}
+    for d, c in corpora.items():
+        earlier.prompt_ids.setdefault(d, tok.convert_tokens_to_ids(domain_prompt_token(d)))
+        mix[d] = earlier.prompted(_blocks(c, "train", tok, plan.spec, plan.spec.max_train_tokens), d)
+    if mix:
+        earlier.train_blocks = torch.cat([*mix.values(), earlier.train_blocks])
+    return {d: (corpora[d], int(b.shape[0])) for d, b in mix.items()}
+
+
 def _teachers(plan: StagePlan) -> tuple[list[LoirePreTrainedModel], DistillConfig | None]:
     """Step 4: the teachers for distillation, over the schedule's window (or the strategy's shorter one)."""
     teacher_models = [load_model(d) for d in plan.teacher_dirs]
@@ -532,6 +547,7 @@ def run_stage(
     progress: bool = True,
     fsdp: bool = False,
     eval_init: bool = False,
+    extra_corpora: Mapping[str, str] | None = None,
 ) -> StageResult:
     """Run one lifelong stage and write its folder to `out_dir` (see the module docstring).
 
@@ -541,6 +557,9 @@ def run_stage(
     `parent` may be a stage-0 folder written by `loire.base.import_base` (an imported HF checkpoint).
     `eval_init` also measures every seen domain's perplexity right after growth, before training
     (`ppl_init` in the record: the "init" row of the paper's LOIRE-Bert table).
+    `extra_corpora` (domain -> corpus) are domains owed by earlier stages that were not promoted: their
+    train splits are mixed into this stage's training data (each with its domain prompt) and the record's
+    `carried` lists each with its share of the training blocks and its perplexity after the stage.
     """
     started = time.perf_counter()
     out = Path(out_dir)
@@ -552,6 +571,7 @@ def run_stage(
     data, tok, train_blocks = _load_data(plan, corpus, parent, tokenizer)
     model, targets, growth_diff = _stage_model(plan, parent, tok, train_blocks)
     earlier = _earlier_data(plan, domain, earlier_corpora or {}, tok, train_blocks)
+    carried = _mix_carried(plan, domain, extra_corpora or {}, tok, earlier)
     teacher_models, distill = _teachers(plan)
     ppl_init = _evaluate(model, plan, domain, data, earlier, tok, max_eval_blocks) if eval_init else None
     trained = _train_stage(
@@ -590,6 +610,21 @@ def run_stage(
         fsdp=fsdp,
         started=started,
     )
+    total = int(earlier.train_blocks.shape[0])
+    record["carried"] = [
+        {
+            "domain": d,
+            "corpus": str((extra_corpora or {})[d]),
+            "train_blocks": n,
+            "share": n / total,
+            "ppl": perplexity(
+                trained.model,
+                earlier.prompted(_blocks(c, "valid", tok, plan.spec, None)[:max_eval_blocks], d),
+                mask_token_id=tok.mask_token_id,
+            ),
+        }
+        for d, (c, n) in carried.items()
+    ]
     _write_stage(trained.model, tok, record, out)
     if distributed.is_main():
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)

@@ -61,6 +61,7 @@ def base_env(root: Path, data: Path, *, prefect_api: str, mlflow_uri: str, aws_e
         "LOIRE_DOWNSTREAM_DATA_ROOT": str(data),
         "LOIRE_DOWNSTREAM_BUDGET": "24",
         "LOIRE_DOWNSTREAM_TOLERANCE": "1.0",  # 24-example fine-tuning is noise; gates: test_tracking
+        "LOIRE_MAX_AP_PLUS": "none",  # 8-step stages are untrained: their AP+ is noise (default 100: real runs)
         "TOKENIZERS_PARALLELISM": "false",
     }
 

@@ -24,7 +24,8 @@ from tests.flows.pipeline_harness import Pipeline, kill_flow_run, pipeline_fixtu
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
 
 STEPS = 60  # gpt-micro: ~0.1 s a step on a busy CPU, a checkpoint every STEPS // 4
-pipeline = pipeline_fixture(settings={"downstream_tasks": "none"}, LOIRE_STEPS=str(STEPS))
+# The crash-recovery automation off (LOIRE_CRASH_RESUMES=0): this test is about the operator's command.
+pipeline = pipeline_fixture(settings={"downstream_tasks": "none"}, LOIRE_STEPS=str(STEPS), LOIRE_CRASH_RESUMES="0")
 
 
 def _checkpoint_steps(stages: Path) -> list[int]:

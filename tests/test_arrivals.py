@@ -1,0 +1,80 @@
+"""The pure rules of rejected arrivals (loire.arrivals): what a stage owes, covers and is numbered."""
+
+from __future__ import annotations
+
+import pytest
+
+from loire.arrivals import (
+    Registered,
+    covered,
+    describe_version,
+    owed,
+    parse_tag_list,
+    plan,
+    shares,
+    stage_number,
+    tag_list,
+)
+
+
+def reg(version: int, domain: str, promoted: bool | None, carried: tuple[str, ...] = ()) -> Registered:
+    return Registered(
+        version=version, domain=domain, arrival=f"k-{domain}-{version}", promoted=promoted, carried=carried
+    )
+
+
+WB, NEWS = reg(1, "WB", True), reg(2, "NEWS", True)
+REV = reg(3, "REV", False)
+
+
+def test_a_rejected_arrival_is_owed_and_carried_by_the_next_stage() -> None:
+    registered = [WB, NEWS, REV]
+    assert owed(registered, [WB, NEWS], "k-BIO") == [REV]
+    p = plan("carry", registered, [WB, NEWS], "k-BIO", "BIO", parent_stage=2)
+    assert p.stage == 3 and p.carry == (REV,) and p.dropped == ()
+    assert p.covers == ("WB", "NEWS", "REV", "BIO") and p.pending == ()
+    assert "carrying REV (v3, not promoted)" in p.notes[0]
+
+
+def test_two_rejections_in_a_row_are_both_carried_and_then_covered() -> None:
+    bio = reg(4, "BIO", False, carried=(REV.arrival,))
+    registered = [WB, NEWS, REV, bio]
+    p = plan("carry", registered, [WB, NEWS], "k-CS", "CS", parent_stage=2)
+    assert [r.domain for r in p.carry] == ["REV", "BIO"] and p.covers == ("WB", "NEWS", "REV", "BIO", "CS")
+    assert p.stage == 3  # follows the champion's chain (v1 -> v2), not the count of versions
+    cs = reg(5, "CS", True, carried=(REV.arrival, bio.arrival))
+    assert owed([*registered, cs], [WB, NEWS, cs], "k-X") == []
+    assert covered([WB, NEWS, cs]) == [WB.arrival, NEWS.arrival, REV.arrival, bio.arrival, cs.arrival]
+
+
+def test_skip_drops_and_lists_what_is_still_owed() -> None:
+    p = plan("skip", [WB, NEWS, REV], [WB, NEWS], "k-BIO", "BIO", parent_stage=2)
+    assert p.carry == () and p.dropped == (REV,) and p.covers == ("WB", "NEWS", "BIO") and p.pending == ("REV",)
+    assert "NOT trained on" in p.notes[0]
+
+
+def test_undecided_versions_and_the_own_arrival_are_not_owed() -> None:
+    crashed = reg(3, "REV", None)  # registered, promotion never decided: its own run finishes it
+    assert owed([WB, NEWS, crashed], [WB, NEWS], "k-BIO") == []
+    assert owed([WB, NEWS, REV], [WB, NEWS], REV.arrival) == []
+
+
+def test_one_batch_per_domain_per_stage() -> None:
+    rev2 = reg(4, "REV", False)
+    p = plan("carry", [WB, NEWS, REV, rev2], [WB, NEWS], "k-BIO", "BIO", parent_stage=2)
+    assert p.carry == (REV,) and p.dropped == (rev2,) and p.pending == ("REV",)
+    same = plan("carry", [WB, NEWS, REV], [WB, NEWS], "k-REV-new", "REV", parent_stage=2)
+    assert same.carry == () and same.pending == ("REV",)
+
+
+def test_small_helpers() -> None:
+    assert stage_number(None) == 1 and stage_number(4) == 5
+    assert tag_list([]) == "" and tag_list(["WB", "NEWS"]) == "WB,NEWS" and parse_tag_list("WB,NEWS") == ["WB", "NEWS"]
+    assert parse_tag_list("") == [] and parse_tag_list(None) == []
+    assert shares({"REV": 1, "BIO": 3}) == {"REV": 0.25, "BIO": 0.75}
+    with pytest.raises(ValueError, match="not one of"):
+        plan("maybe", [], [], "k", "WB", None)
+    text = describe_version(
+        stage=3, domain="BIO", ap=12.34, ap_plus=None, covers=["WB", "REV", "BIO"], carried=["REV"], decision="x"
+    )
+    assert text == "stage 3 BIO (+ carried REV) · AP 12.3 · AP+ - (first stage) · covers WB, REV, BIO · x"
