@@ -155,6 +155,7 @@ def _kill_rank_after_first_checkpoint(command: list[str], out: Path) -> subproce
     return subprocess.CompletedProcess(command, process.returncode, output, "")
 
 
+@pytest.mark.slow  # ~40 s; `make test` keeps the 20-minute budget (the flow-level kill test is slow too)
 def test_sigkill_of_one_rank_fails_the_launch_and_resume_continues(
     corpus: Path, single_long: Path, tmp_path: Path
 ) -> None:

@@ -16,7 +16,7 @@ F64 = 1e-9
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("head", HEADS, ids=lambda c: c.__name__)
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_split_growth_is_exact(family: str, head: type, data: st.DataObject) -> None:
     seed = data.draw(st.integers(0, 2**16), label="seed")

@@ -50,6 +50,7 @@ def test_stage_trains_under_torchrun_and_registers_one_version(world: dict[str, 
     assert {"train/loss", "train/tokens_per_s", "eval/ppl/WB"} <= set(run.data.metrics)  # replayed from rank 0
 
 
+@pytest.mark.slow  # ~16 s, run by `make test-all`; keeps `make test` within its 20-minute budget
 def test_a_failing_rank_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
