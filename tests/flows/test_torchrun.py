@@ -61,7 +61,7 @@ def test_a_failing_rank_is_a_clear_error(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow  # ~35 s; tests/test_distributed.py kills a rank on every run
+@pytest.mark.slow  # ~35 s, run by `make test-all` (as is the rank kill in tests/test_distributed.py)
 def test_a_sigkilled_rank_fails_the_launch_and_a_retry_resumes(world: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "stage"
     corpus = world["data"] / "corpora" / "news"
