@@ -18,14 +18,12 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from loire.io import check_hf_folder, publish_dir
+from loire.io import check_hf_folder, publish_stage_folder
 
 logger = logging.getLogger(__name__)
 
@@ -145,16 +143,7 @@ def import_base(source: str | os.PathLike[str], out_dir: str | os.PathLike[str],
         "train": None,
     }
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / STAGE_FILE).write_text(json.dumps(record, indent=2, default=float))
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    publish_stage_folder(model, tok, record, out, STAGE_FILE)
     logger.info("imported base %s (%s) as stage 0 at %s; max |Δlogits| %.3g", source, architecture, out, diff)
     return record
 

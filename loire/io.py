@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 from loire.config import LoireConfig
 from loire.model import (
@@ -157,3 +158,19 @@ def publish_dir(tmp: Path, dst: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_stage_folder(model: Any, tokenizer: Any, record: dict[str, Any], out: Path, stage_file: str) -> None:
+    """Write model, tokenizer and the stage record into a temporary sibling of `out`, then swap it in."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / stage_file).write_text(json.dumps(record, indent=2, default=float))
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ from loire.data import Corpus, encode_corpus, load_corpus
 from loire.distill import DistillConfig
 from loire.grow import grow
 from loire.grow.vocab import grow_vocab
-from loire.io import load_model, publish_dir
+from loire.io import load_model, publish_stage_folder
 from loire.metrics import average_increased_perplexity, average_perplexity, max_abs_logit_diff, perplexity
 from loire.model import LoireForCausalLM, LoireForMaskedLM, LoirePreTrainedModel, num_parameters
 from loire.schedule import Schedule, StageSpec, resolve_growth, schedule_preset
@@ -654,16 +653,7 @@ def _write_stage(model: LoirePreTrainedModel, tokenizer, record: dict[str, Any],
 
 
 def _publish_stage(model: LoirePreTrainedModel, tokenizer, record: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / STAGE_FILE).write_text(json.dumps(record, indent=2, default=float))
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    publish_stage_folder(model, tokenizer, record, out, STAGE_FILE)
 
 
 def corpus_uri(root: str, domain: str) -> str:
