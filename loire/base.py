@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from loire.io import check_hf_folder, publish_stage_folder
+from loire.model import model_dims
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,6 @@ def import_base(source: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     from loire.convert import from_hf
     from loire.lifelong import FORMAT_VERSION, STAGE_FILE
     from loire.metrics import max_abs_logit_diff
-    from loire.model import num_parameters
 
     architecture = check_base(source)
     tok = load_base_tokenizer(source)
@@ -126,13 +126,7 @@ def import_base(source: str | os.PathLike[str], out_dir: str | os.PathLike[str],
         "parent": None,
         "lineage": [],
         "growth": {"targets": {}, "operator": "import", "init": None, "max_abs_logit_diff": diff},
-        "dims": {
-            "hidden_size": model.config.hidden_size,
-            "intermediate_size": model.config.intermediate_size,
-            "num_attention_heads": model.config.num_attention_heads,
-            "num_hidden_layers": model.config.num_hidden_layers,
-            "parameters": num_parameters(model),
-        },
+        "dims": model_dims(model),
         "distill": None,
         "ppl": {},
         "ppl_matrix": [],

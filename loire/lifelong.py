@@ -31,7 +31,7 @@ from loire.grow import grow
 from loire.grow.vocab import grow_vocab
 from loire.io import load_model, publish_stage_folder
 from loire.metrics import average_increased_perplexity, average_perplexity, max_abs_logit_diff, perplexity
-from loire.model import LoireForCausalLM, LoireForMaskedLM, LoirePreTrainedModel, num_parameters
+from loire.model import LoireForCausalLM, LoireForMaskedLM, LoirePreTrainedModel, model_dims
 from loire.schedule import Schedule, StageSpec, resolve_growth, schedule_preset
 from loire.strategies import Strategy, elle_expand, get_strategy, naive_expand
 from loire.tokenizer import DOMAIN_TOKENS, load_tokenizer, train_tokenizer
@@ -486,13 +486,7 @@ def _stage_record(
             "init": plan.strategy.growth_init,
             "max_abs_logit_diff": growth_diff,
         },
-        "dims": {
-            "hidden_size": model.config.hidden_size,
-            "intermediate_size": model.config.intermediate_size,
-            "num_attention_heads": model.config.num_attention_heads,
-            "num_hidden_layers": model.config.num_hidden_layers,
-            "parameters": num_parameters(model),
-        },
+        "dims": model_dims(model),
         "distill": None
         if distill is None
         else {

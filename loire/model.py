@@ -563,6 +563,18 @@ class LoireForSequenceClassification(LoirePreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
+def model_dims(model: nn.Module) -> dict[str, int]:
+    """The grown dimensions and parameter count a stage record lists."""
+    c = model.config
+    return {
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_attention_heads": c.num_attention_heads,
+        "num_hidden_layers": c.num_hidden_layers,
+        "parameters": num_parameters(model),
+    }
+
+
 def num_parameters(model: nn.Module) -> int:
     """Unique parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -574,5 +586,6 @@ __all__ = [
     "LoireForSequenceClassification",
     "LoireModel",
     "LoirePreTrainedModel",
+    "model_dims",
     "num_parameters",
 ]

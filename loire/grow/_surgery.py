@@ -227,3 +227,18 @@ def split_units(t: torch.Tensor, members: torch.Tensor, dim: int, noise: Noise) 
     group_sum = torch.zeros_like(t).index_add_(dim, members, z)
     z = z - (group_sum / counts.view(shape)).index_select(dim, members)
     return base + z
+
+
+def split_width(
+    model: LoirePreTrainedModel, members: torch.Tensor, producers: tuple[str, ...], consumer: str, noise: Noise
+) -> dict[str, torch.Tensor]:
+    """The state of a width split: producer kinds copy their units (dim 0), the consumer kind shares them (dim 1)."""
+    state: dict[str, torch.Tensor] = {}
+    for p, t in parsed_state(model):
+        if p.kind in producers:
+            state[p.key] = copy_units(t, members, 0)
+        elif p.kind == consumer:
+            state[p.key] = split_units(t, members, 1, noise)
+        else:
+            state[p.key] = keep(model, t)
+    return state

@@ -8,13 +8,12 @@ from loire.grow._surgery import (
     Noise,
     cat,
     check_init,
-    copy_units,
     keep,
     new_config,
     parsed_state,
     rebuild,
     split_members,
-    split_units,
+    split_width,
 )
 from loire.model import LoirePreTrainedModel
 
@@ -41,15 +40,8 @@ def grow_ffn(
     noise = Noise(seed, model.config.initializer_range)
     state: dict[str, torch.Tensor] = {}
     if init == "split":
-        members = split_members(f1, f2)
-        for p, t in parsed_state(model):
-            if p.kind in ("up_weight", "up_bias"):  # (F, H) / (F,): new units copy their source
-                t = copy_units(t, members, 0)
-            elif p.kind == "down_weight":  # (H, F): the group shares the source's column
-                t = split_units(t, members, 1, noise)
-            else:
-                t = keep(model, t)
-            state[p.key] = t
+        # up (and gate) rows (F, H) are copied, down columns (H, F) shared within each group
+        state = split_width(model, split_members(f1, f2), ("up_weight", "up_bias"), "down_weight", noise)
         return rebuild(model, new_config(model, intermediate_size=f2), state)
     for p, t in parsed_state(model):
         if p.kind == "up_weight":  # (F, H): new rows read the stream with random weights

@@ -8,13 +8,12 @@ from loire.grow._surgery import (
     Noise,
     cat,
     check_init,
-    copy_units,
     keep,
     new_config,
     parsed_state,
     rebuild,
     split_members,
-    split_units,
+    split_width,
 )
 from loire.model import LoirePreTrainedModel
 
@@ -43,14 +42,8 @@ def grow_heads(
     if init == "split":
         heads = split_members(a1, num_attention_heads)
         members = (heads[:, None] * d + torch.arange(d)[None]).reshape(-1)  # per attention-width row
-        for p, t in parsed_state(model):
-            if p.kind in ("qkv_weight", "qkv_bias"):  # (A, H) / (A,): new heads copy their source
-                t = copy_units(t, members, 0)
-            elif p.kind == "o_weight":  # (H, A): the group shares the source's columns
-                t = split_units(t, members, 1, noise)
-            else:
-                t = keep(model, t)
-            state[p.key] = t
+        # Q/K/V rows (A, H) are copied, o_proj columns (H, A) shared within each group
+        state = split_width(model, members, ("qkv_weight", "qkv_bias"), "o_weight", noise)
         return rebuild(model, new_config(model, num_attention_heads=num_attention_heads), state)
     for p, t in parsed_state(model):
         if p.kind == "qkv_weight":  # (A, H)
