@@ -41,6 +41,7 @@ from flows.redact import credentials_to_env
 from flows.retry import RetryPolicy, call_with_retries, is_transient, short
 from loire.downstream.finetune import average_score, scores_frame
 from loire.metrics import ppl_frame
+from loire.planner import probes_frame
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -325,6 +326,10 @@ class RunLog:
             self._log_table(run_id, ppl_frame(domains, matrix["rows"]).reset_index(), "eval/ppl_table.json")
         if plot is not None:
             self._call("log_artifact(plot)", self.client.log_artifact, run_id, str(plot), "eval")
+        decision = (record.get("growth") or {}).get("decision")
+        if decision is not None:  # the growth planner's choice and every candidate's probe
+            self._call("set_tag(growth)", self.client.set_tag, run_id, "loire.growth.decision", decision["chosen"])
+            self._log_table(run_id, probes_frame(decision), "growth/decision_table.json")
 
     def log_downstream(self, run_id: str, results: Sequence[Mapping[str, Any]]) -> float | None:
         """`downstream/<task>` (mean), `downstream/<task>/std` and `downstream/average` of the tasks that

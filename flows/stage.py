@@ -55,6 +55,7 @@ from flows.train import train_stage
 from loire.data import load_corpus
 from loire.lifelong import plan_stage, read_stage, stage_spec
 from loire.metrics import ppl_frame
+from loire.planner import probes_frame
 from loire.promotion import Gates
 from loire.schedule import Schedule
 
@@ -385,6 +386,13 @@ def _publish(
         key="lifelong-ppl",
         description=f"PPL per seen domain after each stage (stage {record['stage']})",
     )
+    decision = (record.get("growth") or {}).get("decision")
+    if decision is not None:
+        create_table_artifact(
+            probes_frame(decision).to_dict(orient="records"),
+            key="growth-decision",
+            description=f"Growth planner, stage {record['stage']}: {decision['reason']}",
+        )
     chain = _tracker(settings).lineage(version)
     model_link, run_link = _mlflow_links(settings, version, run_id)
     lines = [

@@ -164,9 +164,16 @@ def grow(
     )
 
 
+# `--schedule planned`: the preset with the growth planner deciding every later stage's growth, each stage
+# at the preset's FLOPs (`<preset>-planned`; `reverse` likewise: the paper's ladder in reverse order).
+SCHEDULE_KEYWORDS = ("planned", "reverse")
+
+
 def _schedule(preset: str, schedule_file: Path | None):
     from loire.schedule import Schedule, schedule_preset
 
+    if schedule_file is not None and str(schedule_file) in SCHEDULE_KEYWORDS and not schedule_file.exists():
+        return schedule_preset(f"{preset}-{schedule_file}")
     return Schedule.from_yaml(schedule_file) if schedule_file is not None else schedule_preset(preset)
 
 
@@ -211,7 +218,10 @@ def train_stage_command(
     preset: Annotated[
         str | None, typer.Option(help="Schedule preset (default gpt-tiny; from-base with --base).")
     ] = None,
-    schedule: Annotated[Path | None, typer.Option(help="Schedule YAML (overrides --preset).")] = None,
+    schedule: Annotated[
+        Path | None,
+        typer.Option(help="Schedule YAML (overrides --preset), or `planned` / `reverse`: the preset's variant."),
+    ] = None,
     strategy: Annotated[
         str, typer.Option(help="loire, loire-er, fixed-small, fixed-large, retrain, token-kd, replay, elle.")
     ] = "loire",
@@ -277,7 +287,10 @@ def lifelong(
     preset: Annotated[
         str | None, typer.Option(help="Schedule preset (default gpt-tiny; from-base with --base).")
     ] = None,
-    schedule: Annotated[Path | None, typer.Option(help="Schedule YAML (overrides --preset).")] = None,
+    schedule: Annotated[
+        Path | None,
+        typer.Option(help="Schedule YAML (overrides --preset), or `planned` / `reverse`: the preset's variant."),
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="Override every stage's optimizer steps.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     base: Annotated[

@@ -27,11 +27,13 @@ from loire import distributed
 from loire.config import LoireConfig
 from loire.data import Corpus, encode_corpus, load_corpus
 from loire.distill import DistillConfig
+from loire.flops import flops_per_step
 from loire.grow import grow
 from loire.grow.vocab import grow_vocab
 from loire.io import load_model, publish_stage_folder
 from loire.metrics import average_increased_perplexity, average_perplexity, max_abs_logit_diff, perplexity
 from loire.model import LoireForCausalLM, LoireForMaskedLM, LoirePreTrainedModel, model_dims
+from loire.planner import GrowthDecision, plan_growth
 from loire.schedule import Schedule, StageSpec, resolve_growth, schedule_preset
 from loire.strategies import Strategy, elle_expand, get_strategy, naive_expand
 from loire.tokenizer import DOMAIN_TOKENS, load_tokenizer, train_tokenizer
@@ -89,9 +91,12 @@ STAGE_SEED_STRIDE = 1000
 # exercise attention over several positions while keeping the float64 comparison cheap.
 GROWTH_PROBE_BLOCKS = 2
 GROWTH_PROBE_TOKENS = 32
-# Replay memory per earlier domain: a tenth of the new domain's training blocks (at least one batch), so
-# the memory scales with the new data and stays small next to it.
-REPLAY_MEMORY_DIVISOR = 10
+# Replay memory per earlier domain: half the new domain's training blocks (at least one batch), the same
+# for every replaying strategy. A stage at replay ratio 0.5 then draws each stored block less than once;
+# at a tenth it replayed each about 3.7 times and memorised the memory instead of keeping the domain
+# (bench/results/forgetting_levers.md, `long` stage 2: WB perplexity 134.4 -> 150.4 at a tenth,
+# -> 144.2 at a fifth, -> 110.0 at a half).
+REPLAY_MEMORY_DIVISOR = 2
 # ELLE's recovery warmup is a short side run whose losses are not reported: a log step never reached.
 NEVER_LOG = 10**9
 # Checkpoints per stage: a crash loses at most a quarter of the stage's steps.
@@ -121,6 +126,7 @@ class StagePlan:
     teacher_dirs: list[str]
     teacher_indices: list[int]
     distill_window: int
+    plan_growth: bool = False  # the growth planner decides this stage's growth (spec.plan)
 
     @property
     def domains(self) -> list[str]:
@@ -152,14 +158,19 @@ def plan_stage(
         raise ValueError(f"{parent}: parent stage used strategy {record['strategy']!r}, not {strat.name!r}")
     t = 1 if record is None else int(record["stage"]) + 1
     spec = stage_spec(sched, t)
+    if steps is not None and spec.flops_budget is not None:  # explicit steps win over the FLOP budget
+        spec = dataclasses.replace(spec, flops_budget=None)
     lineage: list[dict[str, Any]] = list(record["lineage"]) if record else []
     stage_steps = steps if steps is not None else spec.steps
     if strat.from_scratch:
         stage_steps *= t
     grows = record is not None and not strat.from_scratch and strat.growth != "none" and t <= len(sched.stages)
-    window = spec.distill_steps if strat.distill_steps is None else min(spec.distill_steps, strat.distill_steps)
-    if strat.distill_fraction is not None:
-        window = min(window, max(1, round(strat.distill_fraction * stage_steps)))
+    if grows and spec.plan and strat.growth != "exact":
+        raise ValueError(
+            f"stages[{t - 1}].plan: the growth planner only probes exact growths; strategy {strat.name!r} "
+            f"grows with {strat.growth!r} (use an exact-growth strategy or a schedule without plan)"
+        )
+    window = distill_window(spec, strat, stage_steps)
     dirs: list[str] = []
     chosen: list[int] = []
     if strat.distill != "none" and lineage:
@@ -180,7 +191,33 @@ def plan_stage(
         teacher_dirs=dirs,
         teacher_indices=chosen,
         distill_window=window,
+        plan_growth=grows and spec.plan,
     )
+
+
+def distill_window(spec: StageSpec, strat: Strategy, steps: int) -> int:
+    """Distillation steps of a stage: the schedule's window, capped by the strategy's steps or share."""
+    window = spec.distill_steps if strat.distill_steps is None else min(spec.distill_steps, strat.distill_steps)
+    if strat.distill_fraction is not None:
+        window = min(window, max(1, round(strat.distill_fraction * steps)))
+    return window
+
+
+def fit_budget(plan: StagePlan, model: LoirePreTrainedModel, spent: float = 0.0) -> StagePlan:
+    """With a FLOP budget (spec.flops_budget), the stage's steps follow from the model it trains: what is
+    left after `spent` (the planner's probes) over one step's FLOPs (retrain: t x the budget)."""
+    spec = plan.spec
+    if spec.flops_budget is None:
+        return plan
+    budget = spec.flops_budget * (plan.stage if plan.strategy.from_scratch else 1)
+    step = flops_per_step(model.config, spec.batch_size, spec.block_size, head=_head(model.config))
+    steps = max(1, round((budget - spent) / step))
+    logger.info("stage %d: %d steps fit the budget of %.3g FLOPs (%.3g on probes)", plan.stage, steps, budget, spent)
+    return dataclasses.replace(plan, steps=steps, distill_window=distill_window(spec, plan.strategy, steps))
+
+
+def _head(config: LoireConfig) -> str:
+    return "causal_lm" if config.is_causal else "masked_lm"
 
 
 def domain_prompt_token(domain: str) -> str:
@@ -270,11 +307,12 @@ def _load_data(plan: StagePlan, corpus: str, parent, tokenizer: str | None) -> t
 
 def _stage_model(
     plan: StagePlan, parent, tok, train_blocks: torch.Tensor
-) -> tuple[LoirePreTrainedModel, dict[str, int], float | None]:
-    """Step 2: the model of this stage (a new one, or the parent grown by the strategy's operator)."""
+) -> tuple[LoirePreTrainedModel, dict[str, int], float | None, GrowthDecision | None]:
+    """Step 2: the model of this stage (a new one, or the parent grown by the strategy's operator, to the
+    schedule's targets or to the growth planner's choice)."""
     strat, spec = plan.strategy, plan.spec
     if parent is None or strat.from_scratch:
-        return _new_model(_initial_config(plan.schedule, strat, len(tok), tok), plan.seed), {}, None
+        return _new_model(_initial_config(plan.schedule, strat, len(tok), tok), plan.seed), {}, None, None
     previous = load_model(parent)
     if len(tok) > previous.config.vocab_size:  # prompt tokens added to a base's tokenizer: exact row growth
         previous = grow_vocab(previous, len(tok))
@@ -283,9 +321,11 @@ def _stage_model(
             f"{_spec_path(plan)}.block_size: {spec.block_size} exceeds the parent model's "
             f"max_position_embeddings ({previous.config.max_position_embeddings})"
         )
-    targets = resolve_growth(plan.growth, previous.config, f"{_spec_path(plan)}.grow")
+    decision = _plan_growth(plan, previous, tok, train_blocks) if plan.plan_growth else None
+    growth = decision.targets if decision is not None else plan.growth
+    targets = resolve_growth(growth, previous.config, f"{_spec_path(plan)}.grow")
     if not targets:
-        return previous, targets, None
+        return previous, targets, None, decision
     probe = train_blocks[:GROWTH_PROBE_BLOCKS, : min(GROWTH_PROBE_TOKENS, spec.block_size)]
     if strat.growth == "exact":
         model = grow(previous, **targets, seed=plan.seed, init=strat.growth_init)
@@ -295,7 +335,25 @@ def _stage_model(
         model = naive_expand(previous, strat.growth, **targets, seed=plan.seed)
     growth_diff = max_abs_logit_diff(previous, model, probe)
     logger.info("stage %d: grew %s, max |Δlogits| %.3g", plan.stage, targets, growth_diff)
-    return model, targets, growth_diff
+    return model, targets, growth_diff, decision
+
+
+def _plan_growth(plan: StagePlan, model: LoirePreTrainedModel, tok, train_blocks: torch.Tensor) -> GrowthDecision:
+    """Step 2a: the growth planner's probes on the new domain (see loire.planner)."""
+    spec = plan.spec
+    step = flops_per_step(model.config, spec.batch_size, spec.block_size, head=_head(model.config))
+    return plan_growth(
+        model,
+        train_blocks,
+        budget_flops=spec.flops_budget if spec.flops_budget is not None else spec.steps * step,
+        later_stages=max(0, len(plan.schedule.stages) - plan.stage),
+        lr=spec.lr,
+        batch_size=spec.batch_size,
+        warmup_steps=spec.warmup_steps,
+        seed=plan.seed,
+        init=plan.strategy.growth_init,
+        mask_token_id=tok.mask_token_id,
+    )
 
 
 def _spec_path(plan: StagePlan) -> str:
@@ -447,6 +505,7 @@ def _stage_record(
     ppl_init: dict[str, float] | None,
     fsdp: bool,
     started: float,
+    decision: GrowthDecision | None = None,
 ) -> dict[str, Any]:
     """Step 7: the stage's `stage.json` (lineage, growth, perplexity matrix with AP / AP+, FLOPs, training)."""
     t, parent_record, lineage, model, result = (
@@ -516,6 +575,9 @@ def _stage_record(
         record["base"] = parent_record["base"]
     if ppl_init is not None:
         record["ppl_init"] = ppl_init
+    if decision is not None:
+        record["growth"]["decision"] = decision.to_dict()
+        record["flops"]["probes"] = decision.probe_flops
     return record
 
 
@@ -562,7 +624,9 @@ def run_stage(
             "domain %s was seen before (stage %d): training on it again", domain, plan.domains.index(domain) + 1
         )
     data, tok, train_blocks = _load_data(plan, corpus, parent, tokenizer)
-    model, targets, growth_diff = _stage_model(plan, parent, tok, train_blocks)
+    model, targets, growth_diff, decision = _stage_model(plan, parent, tok, train_blocks)
+    probe_flops = decision.probe_flops if decision is not None else 0.0
+    plan = fit_budget(plan, model, probe_flops)
     earlier = _earlier_data(plan, domain, earlier_corpora or {}, tok, train_blocks)
     carried = _mix_carried(plan, domain, extra_corpora or {}, tok, earlier)
     teacher_models, distill = _teachers(plan)
@@ -582,6 +646,7 @@ def run_stage(
         fsdp=fsdp,
         on_log=on_log,
     )
+    trained.flops += probe_flops  # the planner's probes are part of the stage's compute
     ppl = _evaluate(trained.model, plan, domain, data, earlier, tok, max_eval_blocks)
     record = _stage_record(
         plan,
@@ -602,6 +667,7 @@ def run_stage(
         ppl_init=ppl_init,
         fsdp=fsdp,
         started=started,
+        decision=decision,
     )
     total = int(earlier.train_blocks.shape[0])
     record["carried"] = [

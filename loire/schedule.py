@@ -54,6 +54,7 @@ import yaml
 
 from loire.config import LAMBDA_MODES, PRESETS, LoireConfig, preset
 from loire.domains import DOMAINS  # ELLE's domain stream, in order
+from loire.flops import flops_per_step
 from loire.grow import OPERATORS
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,11 @@ _STAGE_DEFAULTS: dict[str, Any] = {
     "beta": None,
     "temperature": 1.0,
     "max_train_tokens": None,
+    "plan": False,
+    "flops_budget": None,
 }
+# Stage fields written to a record only when set (records of schedules without them stay as they were).
+_OPTIONAL_STAGE_FIELDS = {"plan": False, "flops_budget": None}
 _SCHEDULE_KEYS = ("preset", "stages", "seed", "lambda_mode", "tokenizer_vocab_size", "overrides", "defaults")
 # Config fields a schedule sets itself, so `overrides` may not.
 _RESERVED_OVERRIDES = {
@@ -137,6 +142,12 @@ def _check_stage(values: Mapping[str, Any], path: str, *, lenient: bool = False)
     _int(f"{path}.block_size", values["block_size"], 2)
     if values["max_train_tokens"] is not None:
         _int(f"{path}.max_train_tokens", values["max_train_tokens"], 1)
+    if not isinstance(values["plan"], bool):
+        _fail(f"{path}.plan", f"must be true (the growth planner decides) or false, got {values['plan']!r}")
+    if values["plan"] and out["grow"]:
+        _fail(f"{path}.plan", "the growth planner decides the growth: leave grow empty or set plan: false")
+    if values["flops_budget"] is not None:
+        out["flops_budget"] = _number(f"{path}.flops_budget", values["flops_budget"], positive=True, lenient=lenient)
     return out
 
 
@@ -223,6 +234,10 @@ class StageSpec:
     - `temperature`: distillation temperature (1.0 = plain KL between the distributions).
     - `lr`, `batch_size` (sequences per step), `block_size` (tokens per sequence).
     - `max_train_tokens`: cap on the domain's training tokens (None = the whole corpus).
+    - `plan`: the growth planner (`loire.planner`) decides this stage's growth from probes on the new
+      domain (`grow` must then be empty); exact-growth strategies only.
+    - `flops_budget`: train for this many FLOPs (planner probes included) instead of `steps`: the steps
+      follow from the grown model's cost, so schedules that grow differently spend the same compute.
     """
 
     domain: str
@@ -236,6 +251,8 @@ class StageSpec:
     batch_size: int
     block_size: int
     max_train_tokens: int | None = None
+    plan: bool = False
+    flops_budget: float | None = None
 
     def __post_init__(self) -> None:
         values = _check_stage({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "StageSpec")
@@ -255,6 +272,9 @@ class StageSpec:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["grow"] = dict(self.grow)
         out["beta"] = None if self.beta is None else list(self.beta)
+        for name, default in _OPTIONAL_STAGE_FIELDS.items():
+            if out[name] == default:
+                del out[name]
         return out
 
 
@@ -529,6 +549,33 @@ _MICRO_START = dict(
 )
 _MICRO_GROWTH = ({}, {"hidden": 48}, {"ffn": 192}, {"heads": 3}, {"layers": 2})
 
+
+def stage_flops(schedule: Schedule, index: int) -> float:
+    """Training FLOPs of stage `index` (0-based) as the schedule sets it: its steps on the model after its
+    growth, at the tokenizer's vocabulary size (teacher passes not included)."""
+    spec = schedule.stages[index]
+    if spec.flops_budget is not None:
+        return spec.flops_budget
+    config = schedule.config_at(index).replace(vocab_size=schedule.tokenizer_vocab_size)
+    head = "causal_lm" if config.is_causal else "masked_lm"
+    return spec.steps * flops_per_step(config, spec.batch_size, spec.block_size, head=head)
+
+
+def flops_matched(reference: Schedule, growth: Sequence[Mapping[str, int]] | None) -> Schedule:
+    """`reference` with another growth per stage (None: the growth planner decides every later stage), each
+    stage given the FLOPs `reference` spends on it as its budget: schedules compared at the same compute."""
+    stages = []
+    for i, spec in enumerate(reference.stages):
+        budget = stage_flops(reference, i)
+        grow_i = {} if growth is None else dict(growth[i])
+        planned = growth is None and i > 0
+        stages.append(dataclasses.replace(spec, grow=grow_i, plan=planned, flops_budget=budget))
+    return dataclasses.replace(reference, stages=tuple(stages))
+
+
+# The paper's ladder in reverse: Layer -> MHA -> FFN -> Hidden (it reports hidden early, layers late is better).
+_TINY_REVERSE = ({}, {"layers": 4}, {"heads": 4}, {"ffn": 512}, {"hidden": 128})
+
 SCHEDULES: dict[str, Schedule] = {
     # CPU: 64/256/2/2 -> 128/512/4/4 (hidden/ffn/heads/layers), 200 + 4 x 150 steps of 16 x 64 tokens.
     # Later stages: lr 1e-3 and distillation over the whole stage with a total teacher weight of 4
@@ -571,6 +618,11 @@ SCHEDULES: dict[str, Schedule] = {
         max_train_tokens=None,
     ),
 }
+# Issue "where and when to grow": the planner and the reverse ladder, each stage at the ladder's FLOPs.
+for _name in ("gpt-tiny", "gpt-tiny-long", "gpt-micro"):
+    SCHEDULES[f"{_name}-planned"] = flops_matched(SCHEDULES[_name], None)
+SCHEDULES["gpt-tiny-reverse"] = flops_matched(SCHEDULES["gpt-tiny"], _TINY_REVERSE)
+SCHEDULES["gpt-tiny-long-reverse"] = flops_matched(SCHEDULES["gpt-tiny-long"], _TINY_REVERSE)
 
 
 # Presets whose growth is relative to an imported base model (`loire lifelong --base`): every stage grows,

@@ -180,6 +180,13 @@ def test_direct_construction_is_validated() -> None:
 # --------------------------------------------------------------------------- presets
 
 
+def test_every_ladder_preset_is_checked_and_the_others_are_its_variants() -> None:
+    """The planned / reverse presets are the ladders' FLOP-matched variants (tests/test_planner.py)."""
+    variants = {n for n in SCHEDULES if n.endswith(("-planned", "-reverse"))}
+    assert set(SCHEDULES) - variants == set(EXPECTED_DIMS)
+    assert all(n.rsplit("-", 1)[0] in SCHEDULES for n in variants)
+
+
 EXPECTED_DIMS = {
     "gpt-tiny": [(64, 256, 2, 2), (128, 256, 2, 2), (128, 512, 2, 2), (128, 512, 4, 2), (128, 512, 4, 4)],
     "gpt-tiny-long": [(64, 256, 2, 2), (128, 256, 2, 2), (128, 512, 2, 2), (128, 512, 4, 2), (128, 512, 4, 4)],
@@ -189,7 +196,7 @@ EXPECTED_DIMS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(SCHEDULES))
+@pytest.mark.parametrize("name", sorted(EXPECTED_DIMS))
 def test_presets_follow_hidden_ffn_mha_layer_order(name: str) -> None:
     s = schedule_preset(name)
     assert s.domains == DOMAINS
