@@ -26,7 +26,8 @@ Reasoning behind the presets and defaults:
   (head_dim 32), 2 → 4 layers, a few hundred steps of 16 × 64 tokens per stage.
 - **β (per-teacher distillation weights, L_final = L_LM + Σ_{j≤t−1} β_j L_distill-j) is not given
   in the paper.** `beta=None` means uniform weights 1/(t−1) over the t−1 earlier stages' models
-  (`Schedule.beta_at`); an explicit `beta` lists one weight per earlier stage, oldest first.
+  (`loire.distill.DistillConfig.betas`, `loire.lifelong.teacher_betas`); an explicit `beta` lists one
+  weight per earlier stage, oldest first.
 - **Distillation window:** LOIRE's iterative distillation *warmup* is applied for the first
   `distill_steps` steps of a stage (the teachers are the models at the end of every earlier stage),
   after which the stage trains on L_LM alone. The first stage has no teacher, so its
@@ -219,7 +220,7 @@ class StageSpec:
     - `steps`: optimizer steps; `warmup_steps`: linear learning-rate warmup at the stage start.
     - `distill_steps`: length of the iterative-distillation warmup window at the stage start,
       during which L_final = L_LM + Σ_j β_j L_distill-j against every earlier stage's model.
-    - `beta`: one weight per earlier stage, oldest first; None = uniform 1/(t−1) (`Schedule.beta_at`).
+    - `beta`: one weight per earlier stage, oldest first; None = uniform 1/(t−1) (`loire.lifelong.teacher_betas`).
     - `temperature`: distillation temperature (1.0 = plain KL between the distributions).
     - `lr`, `batch_size` (sequences per step), `block_size` (tokens per sequence).
     - `max_train_tokens`: cap on the domain's training tokens (None = the whole corpus).
@@ -361,14 +362,6 @@ class Schedule:
     def final_config(self) -> LoireConfig:
         """Config of the last stage's model."""
         return self.config_at(len(self) - 1)
-
-    def beta_at(self, stage_index: int) -> tuple[float, ...]:
-        """Distillation weights of stage `stage_index` (0-based), one per earlier stage; uniform when unset."""
-        self._check_index(stage_index)
-        stage = self.stages[stage_index]
-        if stage.beta is not None:
-            return stage.beta
-        return (1.0 / stage_index,) * stage_index if stage_index else ()
 
     @property
     def domains(self) -> tuple[str, ...]:
