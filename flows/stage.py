@@ -35,7 +35,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -52,11 +52,15 @@ from flows.registry import Tracker
 from flows.retry import RetryPolicy, retry_condition
 from flows.settings import PipelineSettings, load_settings, resolve_schedule
 from flows.train import train_stage
+from loire.arrivals import lineage_frame
 from loire.data import load_corpus
 from loire.lifelong import plan_stage, read_stage, stage_spec
 from loire.metrics import ppl_frame
 from loire.promotion import Gates
 from loire.schedule import Schedule
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 IO_RETRIES = dict(
     retries=3,
@@ -413,14 +417,9 @@ def _publish(
         f"- MLflow: [model version]({model_link}) · [run]({run_link})"
         + ("" if (settings.resolved_tracking_uri() or "").startswith("http") else " (start `mlflow ui` to open)"),
         "",
-        "| version | stage | domain | covers | pending | corpus | aliases |",
-        "|---|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {e['version']} | {e['stage']} | {e['domain']} | {e.get('covers') or '-'} | {e.get('pending') or '-'} | "
-        f"`{e['corpus_uri']}` | {', '.join(e['aliases'])} |"
-        for e in chain
-    ]
+    frame = lineage_frame(chain)[["version", "stage", "domain", "covers", "pending", "corpus", "aliases"]]
+    lines += _markdown_table(frame.assign(corpus="`" + frame["corpus"] + "`"))
     if downstream:
         lines += ["", "| task | domain | score | majority |", "|---|---|---|---|"]
         lines += [
@@ -439,6 +438,12 @@ def _publish(
 
 
 # ------------------------------------------------------------------------------------------- the flow
+def _markdown_table(frame: pd.DataFrame) -> list[str]:
+    """The lines of a markdown table of `frame` (pandas' `to_markdown` needs tabulate, not a dependency)."""
+    rows = [" | ".join(str(value) for value in row) for row in frame.itertuples(index=False)]
+    return [f"| {' | '.join(frame.columns)} |", "|" + "---|" * len(frame.columns), *(f"| {row} |" for row in rows)]
+
+
 @flow(name="lifelong-stage", log_prints=False)
 def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = None) -> dict[str, Any]:
     """Grow, distil, train, evaluate, register and (maybe) promote the stage model for one arrival.
