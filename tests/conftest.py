@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -30,6 +31,13 @@ def tiny_config(family: str, **overrides: object) -> LoireConfig:
         num_labels=3,
     )
     return loire.preset(family, **{**dims, **overrides})
+
+
+def tiny_lm(tokenizer: Any, seed: int = 0, **dims: Any) -> LoireForCausalLM:
+    """A seeded causal `tiny_config("gpt-tiny", **dims)` sized to `tokenizer` (vocabulary, pad / bos / eos)."""
+    torch.manual_seed(seed)
+    special = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("pad", "bos", "eos")}
+    return LoireForCausalLM(tiny_config("gpt-tiny", vocab_size=len(tokenizer), **special, **dims)).eval()
 
 
 @torch.no_grad()
