@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import loire
 from loire import LoireConfig, LoireForCausalLM, LoireForMaskedLM, LoireForSequenceClassification
@@ -16,6 +19,20 @@ from loire.model import LoireNorm, LoirePreTrainedModel
 FAMILIES = ("gpt-tiny", "bert-tiny", "llama-tiny")
 HEADS = (LoireForCausalLM, LoireForMaskedLM, LoireForSequenceClassification)
 DATA_ROOT = Path(os.environ.get("LOIRE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def every_family_and_head(max_examples: int) -> Callable[[Callable[..., None]], Any]:
+    """A hypothesis property `test(family, head, data)` run over every family × head, `max_examples` draws each."""
+
+    def decorate(test: Callable[..., None]) -> Any:
+        test = given(data=st.data())(test)
+        test = settings(
+            max_examples=max_examples, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+        )(test)
+        test = pytest.mark.parametrize("head", HEADS, ids=lambda c: c.__name__)(test)
+        return pytest.mark.parametrize("family", FAMILIES)(test)
+
+    return decorate
 
 
 def tiny_config(family: str, **overrides: object) -> LoireConfig:

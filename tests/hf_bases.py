@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from loire.tokenizer import byte_level_bpe
 from tests.conftest import DATA_ROOT
 
 BASE_FAMILIES = ("gpt2", "bert", "llama")
@@ -47,18 +48,7 @@ def sample_texts(limit: int = 1500) -> list[str]:
 
 
 def _byte_bpe(specials: list[str]) -> Tokenizer:
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=_VOCAB,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(sample_texts(), trainer=trainer)
-    return backend
+    return byte_level_bpe(sample_texts(), _VOCAB, specials)
 
 
 def _wordpiece() -> Tokenizer:
