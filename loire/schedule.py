@@ -197,10 +197,6 @@ def resolve_growth(grow: Mapping[str, int | str], config: LoireConfig, path: str
     return out
 
 
-def is_relative(grow: Mapping[str, int | str]) -> bool:
-    return any(isinstance(v, str) for v in grow.values())
-
-
 def _check_keys(data: Any, path: str, allowed: Sequence[str], required: Sequence[str]) -> None:
     if not isinstance(data, Mapping):
         _fail(path, f"must be a mapping, got {type(data).__name__}")
@@ -508,10 +504,6 @@ def _tiny_ladder(
 _FROM_BASE_GROWTH = ({"hidden": "x1.25"}, {"ffn": "x1.25"}, {"heads": "x1.25"}, {"layers": "+2"}, {})
 
 
-def _from_base_ladder() -> Schedule:
-    return _tiny_ladder("gpt-tiny", _FROM_BASE_GROWTH)
-
-
 _MICRO_START = dict(
     hidden_size=32,
     intermediate_size=128,
@@ -570,7 +562,7 @@ SCHEDULES: dict[str, Schedule] = {
 # the first one included, since the base is stage 0 (the absolute ladders above start with M1 instead).
 BASE_SCHEDULES: dict[str, Schedule] = {
     # Any base model (GPT-2, BERT, Llama) grown in LOIRE's order by relative targets (see _FROM_BASE_GROWTH).
-    "from-base": _from_base_ladder(),
+    "from-base": _tiny_ladder("gpt-tiny", _FROM_BASE_GROWTH),
 }
 
 
@@ -595,7 +587,6 @@ __all__ = [
     "SCHEDULES",
     "Schedule",
     "StageSpec",
-    "is_relative",
     "resolve_growth",
     "schedule_preset",
 ]
