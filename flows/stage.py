@@ -98,10 +98,9 @@ def import_base_model(settings: PipelineSettings) -> str | None:
 
     A wrong-format base (pickle weights, another architecture, no tokenizer) fails the stage with loire.base's one
     line before anything is registered."""
-    tracker = _tracker(settings)
-    if settings.base_model is None or not tracker.awaits_base():
+    source, tracker = settings.base_model, _tracker(settings)
+    if source is None or not tracker.awaits_base():
         return None
-    source = settings.base_model
     local = fetch_model_folder(source, Path(settings.work_dir) / "base", max_object_bytes=settings.max_object_bytes)
     check_base(local)
     out = Path(settings.work_dir) / "models" / settings.model_name / f"base-{_safe(source)}"
@@ -491,7 +490,8 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
             existing["version"],
         )
 
-    import_base_model(cfg)
+    if cfg.base_model is not None:
+        import_base_model(cfg)
     parent = resolve_parent(cfg)
     corpus_dir = fetch_corpus(cfg, arrival)
     validate_corpus(corpus_dir, arr.batch_uri)

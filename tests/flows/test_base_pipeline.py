@@ -59,12 +59,10 @@ def test_the_base_is_version_1_and_two_arrivals_grow_from_it(base: Path, tmp_pat
     assert first["parent"]["stage"] == 0 and first["dims"]["hidden_size"] == 48  # 32 x1.25 in whole heads
 
 
-@pytest.mark.parametrize(("case", "message"), BAD_BASES.items())
-def test_a_wrong_format_base_is_refused_and_nothing_registered(
-    base: Path, tmp_path: Path, prefect_api: str, case: str, message: str
-) -> None:
-    world = _world(tmp_path, make_bad_base(case, base, tmp_path / "bad"))
-    with pytest.raises(ValueError, match=message) as refused:
+def test_a_wrong_format_base_is_refused_and_nothing_registered(base: Path, tmp_path: Path, prefect_api: str) -> None:
+    # One case here: the stage flow passes loire.base's refusal on as it is (all cases: tests/test_base.py).
+    world = _world(tmp_path, make_bad_base("pickle", base, tmp_path / "bad"))
+    with pytest.raises(ValueError, match=BAD_BASES["pickle"]) as refused:
         lifelong_stage(arrive(world, "WB"), world["settings"])
     assert len(str(refused.value).splitlines()) == 1
     assert Tracker(tracking_uri=world["settings"].tracking_uri).client.search_model_versions("name='loire-lm'") == []
