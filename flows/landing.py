@@ -28,6 +28,7 @@ the operation and the number of attempts; an interrupted fetch leaves no folder 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -624,3 +625,55 @@ def fetch_uri(
     arrival = Arrival(parse_landing(landing).uri, bucket, key, etag, domain, batch, 0.0)
     digest = hashlib.blake2b(arrival.idempotency_key.encode(), digest_size=8).hexdigest()
     return fetch_batch(arrival, Path(cache) / f"{domain}-{digest}", s3=client, max_object_bytes=max_object_bytes)
+
+
+def fetch_model_folder(
+    uri: str, cache: Path, *, s3: BaseClient | None = None, max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+) -> Path:
+    """A local folder for a model checkpoint URI (`LOIRE_BASE_MODEL`): a local folder as it is, or the objects
+    directly under an `s3://bucket/prefix/` downloaded atomically into `cache` (a folder named after the URI and
+    the objects' ETags, reused while they are unchanged). The checkpoint itself is checked by `loire.base`.
+    """
+    if not uri.startswith("s3://"):
+        path = Path(uri.removeprefix("file://")).expanduser()
+        if not path.is_dir():
+            raise LandingError(f"{show(uri)}: base model folder not found")
+        return path
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    client = s3 or s3_client()
+    with _s3_call("ListObjectsV2", prefix or "/"):
+        objects = _model_objects(client, bucket, prefix)
+    if not objects:
+        raise LandingError(f"{show(uri)}: no objects under this prefix")
+    stamp = json.dumps([bucket, prefix, sorted(objects.items())])
+    dest = Path(cache) / hashlib.blake2b(stamp.encode(), digest_size=8).hexdigest()
+    if (dest / FETCH_MANIFEST).is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
+    try:
+        for name in objects:
+            _download(client, bucket, prefix + name, tmp / name, max_object_bytes)
+        (tmp / FETCH_MANIFEST).write_text(json.dumps({"uri": uri, "files": sorted(objects)}, indent=1))
+        with contextlib.suppress(OSError):  # a concurrent fetch of the same objects may have won
+            tmp.rename(dest)
+        if not (dest / FETCH_MANIFEST).is_file():
+            raise LandingError(f"{show(uri)}: {dest} exists and is not a complete download of it")
+        return dest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _model_objects(s3: BaseClient, bucket: str, prefix: str) -> dict[str, str]:
+    """Name -> ETag of the objects directly under `prefix` (a checkpoint folder is flat); unsafe names refused."""
+    objects: dict[str, str] = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+        for obj in page.get("Contents", []):
+            name = obj["Key"][len(prefix) :]
+            if not name:
+                continue
+            if not _safe_segments(name) or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+                raise LandingError(f"{show(obj['Key'])}: not a usable file name for a model checkpoint")
+            objects[name] = str(obj.get("ETag", "")).strip('"')
+    return objects

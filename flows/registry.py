@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 ARTIFACTS_TAG = "loire.artifacts"  # "complete" once register_stage has checked every artifact of the version
+BASE_TAG = "loire.base"  # on the version of an imported base model (stage 0): where it came from
 PROMOTION_TAG = "loire.promotion"  # "promoted" or "rejected: <reasons>": the stage's decision was made
 MODEL_ARTIFACT = "model"
 REGISTRY_FILE = "registry.json"  # written into a downloaded stage folder: which version it is
@@ -239,6 +240,47 @@ class Tracker(RunLog):
         version = self._keep_first_of_arrival(self._version(ready.version), corpus_uri, etag)
         self._point_candidate(version.version)
         logger.info("stage %s registered as %s version %s", record["stage"], self.model_name, version.version)
+        return version
+
+    # --------------------------------------------------------------------------- base model (stage 0)
+    def awaits_base(self) -> bool:
+        """Whether a base model may still start the chain: no champion and no stage registered after a base."""
+        if self.champion() is not None:
+            return False
+        query = f"name = {_literal(self.model_name)}"
+        found = self._call("search_model_versions", self.client.search_model_versions, query)
+        return all(v.tags.get("loire.stage") == "0" for v in found)
+
+    def register_base(self, stage_dir: str | os.PathLike[str], *, flow_run_id: str | None) -> ModelVersion:
+        """Register an imported base (a stage-0 folder of `loire.base.import_base`) and make it the champion.
+
+        Its run `stage-0-base` and version carry the base as their arrival (source URI + weights' sha256; the run
+        logs it as its input), so a retried import finds the version instead of adding one; tags `loire.stage=0`,
+        `loire.base=<source>`. No gate applies: nothing came before it to compare with.
+        """
+        record = read_stage(stage_dir)
+        base = record["base"]
+        run_id = self.start_stage_run(
+            stage=0,
+            domain="base",
+            flow_run_id=flow_run_id,
+            params={"base": base["source"], "architecture": base["architecture"]},
+            corpus_uri=base["source"],
+            corpus_etag=base["sha256"],
+        )
+        version = self.register_stage(
+            run_id,
+            stage_dir,
+            parent_version=None,
+            # No domain: the base covers none, so `loire.covers` of later stages lists only arrived domains.
+            extra_tags={BASE_TAG: _tag(base["source"]), "loire.domain": "", "loire.strategy": "", "loire.covers": ""},
+            description=f"stage 0: base model {base['source']} ({base['architecture']}), imported exactly",
+        )
+        self._set_alias(CHAMPION, version.version)
+        self._set_tag(version.version, "loire.promoted", "true")
+        self._set_tag(version.version, PROMOTION_TAG, "promoted")
+        self.end_stage_run(run_id)
+        logger.info("%s v%s: base %s imported as stage 0, champion", self.model_name, version.version, base["source"])
         return version
 
     def _version_tags(
@@ -620,4 +662,4 @@ def _is_complete_stage(folder: Path, model_name: str, version: str) -> bool:
     return info.get("model_name") == model_name and str(info.get("version")) == str(version)
 
 
-__all__ = ["ARTIFACTS_TAG", "CANDIDATE", "CHAMPION", "PROMOTION_TAG", "Decision", "Gates", "Tracker"]
+__all__ = ["ARTIFACTS_TAG", "BASE_TAG", "CANDIDATE", "CHAMPION", "PROMOTION_TAG", "Decision", "Gates", "Tracker"]

@@ -2,27 +2,41 @@
 
 Everything a stage needs besides the arrival itself: where models and checkpoints live, which
 schedule and strategy grow the model, the registry name, the promotion gates, which downstream
-tasks to run and how the GPU part is started. Validation errors name the field and what is allowed.
+tasks to run and how the GPU part is started.
+
+A pydantic-settings `BaseSettings`: each field `foo` reads `LOIRE_FOO`. Sources, highest first: values passed
+in, `LOIRE_*` variables, the YAML file of `LOIRE_SETTINGS` (or `load_settings(path=...)`), the defaults.
+`load_settings` turns a validation error into one ValueError line naming each field, the variable it came
+from and what is allowed.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from flows.redact import credentials_to_env, redact
 
 ENV_PREFIX = "LOIRE_"
+SETTINGS_FILE_ENV = ENV_PREFIX + "SETTINGS"
+# Written in a variable, these words unset a field that may be None ("" too); elsewhere they are values
+# (LOIRE_DOWNSTREAM_TASKS=none means "no downstream tasks").
+_UNSET_WORDS = ("", "none", "null")
+# The file `load_settings(path=...)` names for the settings built inside it (else LOIRE_SETTINGS).
+_settings_file: contextvars.ContextVar[str | None] = contextvars.ContextVar("loire_settings_file", default=None)
 
 
-class PipelineSettings(BaseModel):
+class PipelineSettings(BaseSettings):
     """Settings of the lifelong pipeline (defaults: the embedded, CPU, tiny configuration)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
     work_dir: str = Field(
         default_factory=lambda: str(Path.home() / ".loire" / "work"),
@@ -40,8 +54,16 @@ class PipelineSettings(BaseModel):
     experiment: str = Field("loire", description="MLflow experiment of the stage runs.")
     schedule: str = Field(
         "gpt-tiny",
-        description="Growth schedule: a preset name (loire.schedule.SCHEDULES) or the path of a schedule YAML file "
-        "(loire.schedule.Schedule.from_yaml); see `resolve_schedule`.",
+        description="Growth schedule: a preset name (loire.schedule.SCHEDULES, or BASE_SCHEDULES with `base_model`) "
+        "or the path of a schedule YAML file (loire.schedule.Schedule.from_yaml); see `resolve_schedule`.",
+    )
+    base_model: str | None = Field(
+        None,
+        description="A Hugging Face checkpoint to start the chain from (LOIRE_BASE_MODEL): a local folder or an s3:// "
+        "prefix holding config.json, safetensors weights and the model's own tokenizer (GPT-2, BERT or Llama; see "
+        "loire.base). While the registry holds no stage of `model_name`, the first stage imports it exactly, "
+        "registers it as stage 0 (tag loire.base) and makes it the champion; every arrival grows from there. Pair it "
+        "with a schedule whose growth is relative to the model (the `from-base` preset).",
     )
     strategy: str = Field("loire", description="Lifelong strategy (see loire.strategies.STRATEGIES).")
     steps: int | None = Field(None, ge=1, description="Override of the schedule's steps per stage.")
@@ -96,6 +118,23 @@ class PipelineSettings(BaseModel):
     downstream_seeds: int = Field(1, ge=1, description="Fine-tuning seeds per task.")
     max_object_bytes: int = Field(2 * 1024**3, ge=1, description="Largest corpus object fetched from S3.")
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # No .env or secrets folder: the pipeline's settings come from values, variables and one YAML file.
+        return (init_settings, env_settings, _SettingsFile(settings_cls))
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _unset_words(cls, value: Any, info: ValidationInfo) -> Any:
+        return _unset(cls.model_fields[info.field_name], value) if info.field_name else value
+
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, value: str) -> str:
@@ -126,17 +165,17 @@ def resolve_schedule(value: str) -> Any:
     """The `loire.schedule.Schedule` a `schedule` setting names: a preset, else a schedule YAML file.
 
     Raises ValueError naming the value when it is neither, or naming the file and the field when the
-    YAML does not validate. `flows/train.py` should resolve its `schedule` parameter with this
-    (`loire.schedule.schedule_preset` knows the presets only).
+    YAML does not validate. The stage and train flows resolve their `schedule` parameter with this.
     """
-    from loire.schedule import SCHEDULES, Schedule
+    from loire.schedule import BASE_SCHEDULES, SCHEDULES, Schedule
 
-    if value in SCHEDULES:
-        return SCHEDULES[value]
+    presets = {**SCHEDULES, **BASE_SCHEDULES}
+    if value in presets:
+        return presets[value]
     path = Path(value).expanduser()
     if path.suffix.lower() not in (".yaml", ".yml") or not path.is_file():
         raise ValueError(
-            f"{value!r} is neither a preset ({', '.join(SCHEDULES)}) nor a YAML file (*.yaml, *.yml) that exists"
+            f"{value!r} is neither a preset ({', '.join(presets)}) nor a YAML file (*.yaml, *.yml) that exists"
         )
     try:
         return Schedule.from_yaml(path)
@@ -144,24 +183,57 @@ def resolve_schedule(value: str) -> Any:
         raise ValueError(f"{path}: not a valid schedule ({exc})") from None
 
 
+def _unset(field: FieldInfo, value: Any) -> Any:
+    """None for an unset word (`_UNSET_WORDS`) given to a field that may be None; `value` otherwise."""
+    nullable = type(None) in get_args(field.annotation)
+    return None if nullable and isinstance(value, str) and value.lower() in _UNSET_WORDS else value
+
+
+def read_settings_file(file: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping in a settings YAML file; ValueError naming the file when it is unreadable or not a mapping."""
+    try:
+        loaded = yaml.safe_load(Path(file).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{file}: cannot read pipeline settings ({exc})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{file}: pipeline settings must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
+class _SettingsFile(PydanticBaseSettingsSource):
+    """The YAML settings file: below the variables, above the defaults."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads the whole file at once
+
+    def __call__(self) -> dict[str, Any]:
+        file = _settings_file.get() or os.environ.get(SETTINGS_FILE_ENV)
+        return read_settings_file(file) if file else {}
+
+
 def _error(exc: ValidationError, source: str) -> ValueError:
-    parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    """One line: each failing field, the variable that set it (if one did) and pydantic's reason."""
+    parts = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"])
+        variable = ENV_PREFIX + name.upper()
+        where = f" ({variable})" if err["loc"] and variable in os.environ else ""
+        parts.append(f"{name}{where}: {err['msg'].removeprefix('Value error, ')}")
     return ValueError(redact(f"{source}: invalid pipeline settings: " + "; ".join(parts)))
 
 
 def from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """`LOIRE_<FIELD>` environment variables (upper-case field names) as a dict of raw values."""
+    """`LOIRE_<FIELD>` variables of `environ` (default: this process's) as raw values, unset words as None.
+
+    For settings meant for another process's environment (a served deployment's); `PipelineSettings()`
+    reads this process's variables itself.
+    """
     env = os.environ if environ is None else environ
-    raw: dict[str, Any] = {}
-    for name, field in PipelineSettings.model_fields.items():
-        value = env.get(ENV_PREFIX + name.upper())
-        if value is None:
-            continue
-        # "none"/"null"/"" unset only a field that may be None; elsewhere "none" is a value
-        # (LOIRE_DOWNSTREAM_TASKS=none means "no downstream tasks").
-        nullable = type(None) in get_args(field.annotation)
-        raw[name] = None if nullable and value.lower() in ("", "none", "null") else value
-    return raw
+    return {
+        name: _unset(field, env[ENV_PREFIX + name.upper()])
+        for name, field in PipelineSettings.model_fields.items()
+        if ENV_PREFIX + name.upper() in env
+    }
 
 
 def load_settings(
@@ -170,21 +242,11 @@ def load_settings(
     """Settings from (lowest first) defaults, `LOIRE_SETTINGS` / `path` YAML, `LOIRE_*` variables, `overrides`."""
     if isinstance(overrides, PipelineSettings):
         return overrides
-    raw: dict[str, Any] = {}
-    file = path or os.environ.get(ENV_PREFIX + "SETTINGS")
-    source = "settings"
-    if file:
-        source = str(file)
-        try:
-            loaded = yaml.safe_load(Path(file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ValueError(f"{file}: cannot read pipeline settings ({exc})") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{file}: pipeline settings must be a mapping, got {type(loaded).__name__}")
-        raw.update(loaded)
-    raw.update(from_env())
-    raw.update(overrides or {})
+    file = path or os.environ.get(SETTINGS_FILE_ENV)
+    token = _settings_file.set(str(path) if path else None)
     try:
-        return PipelineSettings(**raw)
+        return PipelineSettings(**(overrides or {}))
     except ValidationError as exc:
-        raise _error(exc, source) from None
+        raise _error(exc, str(file) if file else "settings") from None
+    finally:
+        _settings_file.reset(token)

@@ -5,7 +5,8 @@ The story of a stage:
      promotion was decided (exactly once; a version registered by a run that died before promoting
      is picked up again: the stage goes on, re-registers nothing and promotes);
   2. resolve the parent: the registry's `champion` (none for the first stage) and its ancestors,
-     downloaded as stage folders (the parent to grow, the teachers to distil from);
+     downloaded as stage folders (the parent to grow, the teachers to distil from); with `base_model` set and
+     nothing registered yet, the base is first imported exactly and registered as stage 0, the champion;
   3. fetch the new corpus (and the earlier domains' corpora) to a local cache and validate it;
   4. grow, distil and train: the `train-stage` flow, a subflow here in embedded mode or a
      `run_deployment` on the GPU work pool;
@@ -35,7 +36,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -46,18 +47,23 @@ from prefect.tasks import exponential_backoff
 from flows import carry
 from flows.automation import crash_guard
 from flows.downstream import downstream_eval
-from flows.landing import Arrival, fetch_batch, fetch_uri
+from flows.landing import Arrival, fetch_batch, fetch_model_folder, fetch_uri
 from flows.redact import redact
 from flows.registry import Tracker
 from flows.retry import RetryPolicy, retry_condition
 from flows.settings import PipelineSettings, load_settings, resolve_schedule
 from flows.train import train_stage
+from loire.arrivals import lineage_frame
+from loire.base import check_base, import_base, weights_sha256
 from loire.data import load_corpus
-from loire.lifelong import plan_stage, read_stage, stage_spec
+from loire.lifelong import STAGE_FILE, plan_stage, read_stage, stage_spec
 from loire.metrics import ppl_frame
 from loire.planner import probes_frame
 from loire.promotion import Gates
 from loire.schedule import Schedule
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 IO_RETRIES = dict(
     retries=3,
@@ -84,6 +90,25 @@ def find_existing(settings: PipelineSettings, batch_uri: str, etag: str) -> dict
     if version is None:
         return None
     return {"version": str(version.version), "run_id": version.run_id, "decided": tracker.is_decided(version)}
+
+
+@task(name="import-base", **MLFLOW_TASK)
+def import_base_model(settings: PipelineSettings) -> str | None:
+    """With `base_model` set and no stage registered yet: fetch the base, import it exactly (`loire.base`), register
+    it as stage 0 and make it the champion, so the arrival grows from it. Its version (None when nothing to do).
+
+    A wrong-format base (pickle weights, another architecture, no tokenizer) fails the stage with loire.base's one
+    line before anything is registered."""
+    source, tracker = settings.base_model, _tracker(settings)
+    if source is None or not tracker.awaits_base():
+        return None
+    local = fetch_model_folder(source, Path(settings.work_dir) / "base", max_object_bytes=settings.max_object_bytes)
+    check_base(local)
+    out = Path(settings.work_dir) / "models" / settings.model_name / f"base-{_safe(source)}"
+    if not (out / STAGE_FILE).is_file() or read_stage(out)["base"]["sha256"] != weights_sha256(local):
+        import_base(local, out, uri=source)
+    get_run_logger().info("base model %s imported as stage 0 (%s)", source, out)
+    return str(tracker.register_base(out, flow_run_id=flow_run.get_id()).version)
 
 
 @task(name="resolve-parent", **MLFLOW_TASK)
@@ -421,14 +446,9 @@ def _publish(
         f"- MLflow: [model version]({model_link}) · [run]({run_link})"
         + ("" if (settings.resolved_tracking_uri() or "").startswith("http") else " (start `mlflow ui` to open)"),
         "",
-        "| version | stage | domain | covers | pending | corpus | aliases |",
-        "|---|---|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {e['version']} | {e['stage']} | {e['domain']} | {e.get('covers') or '-'} | {e.get('pending') or '-'} | "
-        f"`{e['corpus_uri']}` | {', '.join(e['aliases'])} |"
-        for e in chain
-    ]
+    frame = lineage_frame(chain)[["version", "stage", "domain", "covers", "pending", "corpus", "aliases"]]
+    lines += _markdown_table(frame.assign(corpus="`" + frame["corpus"] + "`"))
     if downstream:
         lines += ["", "| task | domain | score | majority |", "|---|---|---|---|"]
         lines += [
@@ -447,6 +467,12 @@ def _publish(
 
 
 # ------------------------------------------------------------------------------------------- the flow
+def _markdown_table(frame: pd.DataFrame) -> list[str]:
+    """The lines of a markdown table of `frame` (pandas' `to_markdown` needs tabulate, not a dependency)."""
+    rows = [" | ".join(str(value) for value in row) for row in frame.itertuples(index=False)]
+    return [f"| {' | '.join(frame.columns)} |", "|" + "---|" * len(frame.columns), *(f"| {row} |" for row in rows)]
+
+
 @flow(name="lifelong-stage", log_prints=False)
 def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = None) -> dict[str, Any]:
     """Grow, distil, train, evaluate, register and (maybe) promote the stage model for one arrival.
@@ -472,6 +498,8 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
             existing["version"],
         )
 
+    if cfg.base_model is not None:
+        import_base_model(cfg)
     parent = resolve_parent(cfg)
     corpus_dir = fetch_corpus(cfg, arrival)
     validate_corpus(corpus_dir, arr.batch_uri)

@@ -132,7 +132,10 @@ def train_stage(
     fsdp: bool = False,
     extra_corpora: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Grow the parent by the schedule, train on the corpus (with distillation), write the stage folder."""
+    """Grow the parent by the schedule, train on the corpus (with distillation), write the stage folder.
+
+    Long because its parameters are the `train-stage` deployment's contract and the in-process and torchrun
+    launches stand side by side, sharing their arguments; the work is in `loire.lifelong.run_stage`."""
     logger = get_run_logger()
     crash_guard(_crash_resumes())  # a train-stage deployment run rescheduled after a crash (flows.automation)
     out = Path(out_dir)

@@ -20,6 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 POLICIES = ("carry", "skip")
 
@@ -198,3 +202,34 @@ MODEL_DESCRIPTION = (
     "forgetting bound, downstream average vs the champion, lineage). Tags: loire.covers (domains trained "
     "on), loire.pending (domains still owed), loire.promotion (the decision and why)."
 )
+
+
+LINEAGE_COLUMNS = ("version", "stage", "domain", "covers", "pending", "corpus", "etag", "aliases", "AP", "AP+", "run")
+
+
+def lineage_frame(chain: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """A registry chain (`flows.registry.Tracker.lineage`, oldest first) as a table, one row per version.
+
+    Columns `LINEAGE_COLUMNS`: `covers` / `pending` "-" when empty, `aliases` comma-joined, `run` the run id's
+    first 8 characters, AP / AP+ floats (NaN where not measured). `loire lineage`, the demo and the Prefect
+    artifact `lifelong-lineage` all render this one frame.
+    """
+    import pandas as pd
+
+    rows = [
+        {
+            "version": str(entry["version"]),
+            "stage": "-" if entry["stage"] is None else str(entry["stage"]),
+            "domain": entry["domain"] or "-",
+            "covers": entry.get("covers") or "-",
+            "pending": entry.get("pending") or "-",
+            "corpus": str(entry["corpus_uri"]),
+            "etag": str(entry["etag"]),
+            "aliases": ", ".join(entry["aliases"]),
+            "AP": entry["ap"],
+            "AP+": entry["ap_plus"],
+            "run": str(entry["run_id"])[:8],
+        }
+        for entry in chain
+    ]
+    return pd.DataFrame(rows, columns=list(LINEAGE_COLUMNS)).astype({"AP": float, "AP+": float})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -341,29 +342,20 @@ def ppl_table(summary: dict[str, Any]) -> Table:
 
 
 def render_lineage(chain: Sequence[Mapping[str, Any]]) -> Table:
-    """A rich table of a `Tracker.lineage` chain."""
+    """A rich table of a `Tracker.lineage` chain (`loire.arrivals.lineage_frame`)."""
+    from loire.arrivals import lineage_frame
+
+    frame = lineage_frame(chain)
     table = Table(title="LOIRE lineage (oldest first)")
-    for column in ("version", "stage", "domain", "covers", "pending", "corpus", "etag", "aliases", "AP", "AP+", "run"):
+    for column in frame.columns:
         table.add_column(column, overflow="fold")
-    for entry in chain:
-        table.add_row(
-            str(entry["version"]),
-            str(entry["stage"]),
-            str(entry["domain"]),
-            str(entry.get("covers") or "-"),
-            str(entry.get("pending") or "-"),
-            str(entry["corpus_uri"]),
-            str(entry["etag"]),
-            ", ".join(entry["aliases"]),
-            _fmt_or_dash(entry["ap"]),
-            _fmt_or_dash(entry["ap_plus"]),
-            str(entry["run_id"])[:8],
-        )
+    for row in frame.itertuples(index=False):
+        table.add_row(*(_fmt_or_dash(v) if isinstance(v, float) else str(v) for v in row))
     return table
 
 
-def _fmt_or_dash(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"
+def _fmt_or_dash(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.4g}"
 
 
 def downstream_table(results: list[Any], title: str) -> Table:

@@ -787,6 +787,33 @@ def to_hf(
     attention unless `num_key_value_heads` asks to fold exactly repeated k/v heads back to
     grouped-query attention. Raises ValueError (saying why) when the model has no exact native form.
     """
+    _check_exportable(model)
+    config: LoireConfig = model.config
+    family, hf_cls = _target_class(model, family)
+    kv_heads = _kv_heads(config, family, num_key_value_heads)
+    dims = _Dims(config.num_attention_heads, kv_heads, config.head_dim)
+    try:
+        hf_config = _loire_to_hf_config(family, config, kv_heads)
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        raise ValueError(f"transformers refuses the {family} config of this model: {error}") from error
+
+    loire_state = dict(model.state_dict())
+    if family == "bert" and config.type_vocab_size == 0:
+        # BERT always adds a token-type embedding; one all-zero type adds exactly nothing.
+        prefix = "" if type(model) is LoireModel else "model."
+        embed = loire_state[prefix + "embed_tokens.weight"]
+        loire_state[prefix + "embed_token_types.weight"] = embed.new_zeros(1, embed.shape[1])
+
+    init_kwargs: dict[str, Any] = {"add_pooling_layer": False} if hf_cls is BertModel else {}
+    new = _instantiate(hf_cls, hf_config, model.get_input_embeddings().weight, **init_kwargs)
+    state = _hf_state(new, loire_state, _FAMILIES[family], type(model), dims)
+    _load(new, state, training=model.training)
+    _copy_generation_config(model, new)
+    return new
+
+
+def _check_exportable(model: LoirePreTrainedModel) -> None:
+    """Refuse a model without an exact native form: a classifier, another class, open growth devices."""
     if isinstance(model, LoireForSequenceClassification):
         raise ValueError(
             "LoireForSequenceClassification is not convertible: its pooling and classifier have no exact "
@@ -802,6 +829,11 @@ def to_hf(
             f"hidden_mask={config.hidden_mask}), which no Hugging Face class represents: "
             "call model.consolidate() first (after ramping λ to 0 and opening the hidden mask)"
         )
+
+
+def _target_class(model: LoirePreTrainedModel, family: str | None) -> tuple[str, type[PreTrainedModel]]:
+    """The family (inferred when None) and the Hugging Face class `model` becomes."""
+    config: LoireConfig = model.config
     if family is None:
         family = _infer_family(config)
     elif family not in _FAMILIES:
@@ -813,7 +845,12 @@ def to_hf(
     if hf_cls is None:
         supported = sorted(f"{lc.__name__} -> {hc.__name__}" for (f, lc), hc in _TO_HF.items() if f == family)
         raise ValueError(f"{type(model).__name__} has no {family} counterpart; supported: {supported}")
-    kv_heads = config.num_attention_heads if num_key_value_heads is None else num_key_value_heads
+    return family, hf_cls
+
+
+def _kv_heads(config: LoireConfig, family: str, requested: int | None) -> int:
+    """Key/value heads of the written model: all heads, or `requested` (llama only) when it divides them."""
+    kv_heads = config.num_attention_heads if requested is None else requested
     if kv_heads != config.num_attention_heads:
         if family != "llama":
             raise ValueError(f"num_key_value_heads is only meaningful for llama, not {family}")
@@ -826,40 +863,30 @@ def to_hf(
             raise ValueError(
                 f"num_key_value_heads={kv_heads!r} must divide num_attention_heads={config.num_attention_heads}"
             )
-    dims = _Dims(config.num_attention_heads, kv_heads, config.head_dim)
-    try:
-        hf_config = _loire_to_hf_config(family, config, kv_heads)
-    except (ValueError, TypeError, StrictDataclassError) as error:
-        raise ValueError(f"transformers refuses the {family} config of this model: {error}") from error
-    fam = _FAMILIES[family]
+    return kv_heads
 
-    loire_state = dict(model.state_dict())
-    if family == "bert" and config.type_vocab_size == 0:
-        # BERT always adds a token-type embedding; one all-zero type adds exactly nothing.
-        prefix = "" if type(model) is LoireModel else "model."
-        embed = loire_state[prefix + "embed_tokens.weight"]
-        loire_state[prefix + "embed_token_types.weight"] = embed.new_zeros(1, embed.shape[1])
 
-    init_kwargs: dict[str, Any] = {"add_pooling_layer": False} if hf_cls is BertModel else {}
-    new = _instantiate(hf_cls, hf_config, model.get_input_embeddings().weight, **init_kwargs)
+def _hf_state(
+    new: PreTrainedModel, loire_state: dict[str, torch.Tensor], fam: _Family, loire_cls: type, dims: _Dims
+) -> dict[str, torch.Tensor]:
+    """Every persistent tensor of `new` from the Loire tensors; each Loire tensor must find a place."""
+    hf_name = type(new).__name__
     state: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for key in new.state_dict():
-        parsed = _parse_hf_key(key, fam, type(model))
+        parsed = _parse_hf_key(key, fam, loire_cls)
         if parsed.action != "map":
-            raise ValueError(f"{hf_cls.__name__} has a persistent entry {key!r} that the conversion cannot fill")
+            raise ValueError(f"{hf_name} has a persistent entry {key!r} that the conversion cannot fill")
         assert parsed.rule is not None
         missing = [k for k in parsed.loire_keys if k not in loire_state]
         if missing:
-            raise ValueError(f"{hf_cls.__name__} entry {key!r} needs Loire tensor(s) {missing}, absent from the model")
+            raise ValueError(f"{hf_name} entry {key!r} needs Loire tensor(s) {missing}, absent from the model")
         state[key] = _inverse_op(key, parsed.rule, tuple(loire_state[k] for k in parsed.loire_keys), dims)
         used.update(parsed.loire_keys)
     unused = sorted(set(loire_state) - used)
     if unused:
-        raise ValueError(f"Loire tensors {unused} have no place in {hf_cls.__name__}")
-    _load(new, state, training=model.training)
-    _copy_generation_config(model, new)
-    return new
+        raise ValueError(f"Loire tensors {unused} have no place in {hf_name}")
+    return state
 
 
 __all__ = ["FAMILIES", "from_hf", "to_hf"]

@@ -22,7 +22,7 @@ each documented because the paper leaves them open:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,9 +77,6 @@ class TeacherCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.indices, *self.log_probs, *self.rest_log_mass))
-
-
-BatchFn = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # micro-batch index -> (input_ids, labels)
 
 
 @torch.no_grad()

@@ -507,7 +507,9 @@ def _stage_record(
     started: float,
     decision: GrowthDecision | None = None,
 ) -> dict[str, Any]:
-    """Step 7: the stage's `stage.json` (lineage, growth, perplexity matrix with AP / AP+, FLOPs, training)."""
+    """Step 7: the stage's `stage.json` (lineage, growth, perplexity matrix with AP / AP+, FLOPs, training).
+
+    Long because it writes the record's schema out as one literal, so every field of stage.json is in one place."""
     t, parent_record, lineage, model, result = (
         plan.stage,
         plan.parent_record,
@@ -615,6 +617,9 @@ def run_stage(
     `extra_corpora` (domain -> corpus) are domains owed by earlier stages that were not promoted: their
     train splits are mixed into this stage's training data (each with its domain prompt) and the record's
     `carried` lists each with its share of the training blocks and its perplexity after the stage.
+
+    Long only by its keyword arguments: each step is one helper (`plan_stage`, `_load_data`, `_stage_model`,
+    `_earlier_data`, `_mix_carried`, `_teachers`, `_train_stage`, `_evaluate`, `_stage_record`, `_write_stage`).
     """
     started = time.perf_counter()
     out = Path(out_dir)
@@ -669,21 +674,9 @@ def run_stage(
         started=started,
         decision=decision,
     )
-    total = int(earlier.train_blocks.shape[0])
-    record["carried"] = [
-        {
-            "domain": d,
-            "corpus": str((extra_corpora or {})[d]),
-            "train_blocks": n,
-            "share": n / total,
-            "ppl": perplexity(
-                trained.model,
-                earlier.prompted(_blocks(c, "valid", tok, plan.spec, None)[:max_eval_blocks], d),
-                mask_token_id=tok.mask_token_id,
-            ),
-        }
-        for d, (c, n) in carried.items()
-    ]
+    record["carried"] = _carried_entries(
+        trained.model, plan, carried, extra_corpora or {}, earlier, tok, max_eval_blocks
+    )
     _write_stage(trained.model, tok, record, out)
     if distributed.is_main():
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
@@ -703,6 +696,33 @@ def run_stage(
         final_loss=trained.result.final_loss,
         record=record,
     )
+
+
+def _carried_entries(
+    model: LoirePreTrainedModel,
+    plan: StagePlan,
+    carried: Mapping[str, tuple[Corpus, int]],
+    extra_corpora: Mapping[str, str],
+    earlier: _Earlier,
+    tok,
+    max_eval_blocks: int,
+) -> list[dict[str, Any]]:
+    """The record's `carried`: each owed domain trained on, its share of the training blocks, its perplexity now."""
+    total = int(earlier.train_blocks.shape[0])
+    return [
+        {
+            "domain": d,
+            "corpus": str(extra_corpora[d]),
+            "train_blocks": n,
+            "share": n / total,
+            "ppl": perplexity(
+                model,
+                earlier.prompted(_blocks(c, "valid", tok, plan.spec, None)[:max_eval_blocks], d),
+                mask_token_id=tok.mask_token_id,
+            ),
+        }
+        for d, (c, n) in carried.items()
+    ]
 
 
 def _write_stage(model: LoirePreTrainedModel, tokenizer, record: dict[str, Any], out: Path) -> None:
@@ -751,6 +771,7 @@ def run_lifelong(
     data order and replay draws; `max_eval_blocks` caps each domain's validation blocks. `base`, a local
     HF checkpoint folder, is imported as stage 0 (`out_dir/stage-0-base`, `loire.base.import_base`) and the
     first stage grows from it; `eval_init` adds each stage's perplexities right after growth (`ppl_init`).
+    Slightly long: the stage loop and the summary it writes read best together.
     """
     if not domains:
         raise ValueError("domains: at least one domain is needed")

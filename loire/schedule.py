@@ -26,7 +26,8 @@ Reasoning behind the presets and defaults:
   (head_dim 32), 2 → 4 layers, a few hundred steps of 16 × 64 tokens per stage.
 - **β (per-teacher distillation weights, L_final = L_LM + Σ_{j≤t−1} β_j L_distill-j) is not given
   in the paper.** `beta=None` means uniform weights 1/(t−1) over the t−1 earlier stages' models
-  (`Schedule.beta_at`); an explicit `beta` lists one weight per earlier stage, oldest first.
+  (`loire.distill.DistillConfig.betas`, `loire.lifelong.teacher_betas`); an explicit `beta` lists one
+  weight per earlier stage, oldest first.
 - **Distillation window:** LOIRE's iterative distillation *warmup* is applied for the first
   `distill_steps` steps of a stage (the teachers are the models at the end of every earlier stage),
   after which the stage trains on L_LM alone. The first stage has no teacher, so its
@@ -207,10 +208,6 @@ def resolve_growth(grow: Mapping[str, int | str], config: LoireConfig, path: str
     return out
 
 
-def is_relative(grow: Mapping[str, int | str]) -> bool:
-    return any(isinstance(v, str) for v in grow.values())
-
-
 def _check_keys(data: Any, path: str, allowed: Sequence[str], required: Sequence[str]) -> None:
     if not isinstance(data, Mapping):
         _fail(path, f"must be a mapping, got {type(data).__name__}")
@@ -230,7 +227,7 @@ class StageSpec:
     - `steps`: optimizer steps; `warmup_steps`: linear learning-rate warmup at the stage start.
     - `distill_steps`: length of the iterative-distillation warmup window at the stage start,
       during which L_final = L_LM + Σ_j β_j L_distill-j against every earlier stage's model.
-    - `beta`: one weight per earlier stage, oldest first; None = uniform 1/(t−1) (`Schedule.beta_at`).
+    - `beta`: one weight per earlier stage, oldest first; None = uniform 1/(t−1) (`loire.lifelong.teacher_betas`).
     - `temperature`: distillation temperature (1.0 = plain KL between the distributions).
     - `lr`, `batch_size` (sequences per step), `block_size` (tokens per sequence).
     - `max_train_tokens`: cap on the domain's training tokens (None = the whole corpus).
@@ -382,14 +379,6 @@ class Schedule:
         """Config of the last stage's model."""
         return self.config_at(len(self) - 1)
 
-    def beta_at(self, stage_index: int) -> tuple[float, ...]:
-        """Distillation weights of stage `stage_index` (0-based), one per earlier stage; uniform when unset."""
-        self._check_index(stage_index)
-        stage = self.stages[stage_index]
-        if stage.beta is not None:
-            return stage.beta
-        return (1.0 / stage_index,) * stage_index if stage_index else ()
-
     @property
     def domains(self) -> tuple[str, ...]:
         return tuple(stage.domain for stage in self.stages)
@@ -535,10 +524,6 @@ def _tiny_ladder(
 _FROM_BASE_GROWTH = ({"hidden": "x1.25"}, {"ffn": "x1.25"}, {"heads": "x1.25"}, {"layers": "+2"}, {})
 
 
-def _from_base_ladder() -> Schedule:
-    return _tiny_ladder("gpt-tiny", _FROM_BASE_GROWTH)
-
-
 _MICRO_START = dict(
     hidden_size=32,
     intermediate_size=128,
@@ -629,7 +614,7 @@ SCHEDULES["gpt-tiny-long-reverse"] = flops_matched(SCHEDULES["gpt-tiny-long"], _
 # the first one included, since the base is stage 0 (the absolute ladders above start with M1 instead).
 BASE_SCHEDULES: dict[str, Schedule] = {
     # Any base model (GPT-2, BERT, Llama) grown in LOIRE's order by relative targets (see _FROM_BASE_GROWTH).
-    "from-base": _from_base_ladder(),
+    "from-base": _tiny_ladder("gpt-tiny", _FROM_BASE_GROWTH),
 }
 
 
@@ -654,7 +639,6 @@ __all__ = [
     "SCHEDULES",
     "Schedule",
     "StageSpec",
-    "is_relative",
     "resolve_growth",
     "schedule_preset",
 ]

@@ -49,6 +49,24 @@ def _wrap(backend: Tokenizer) -> PreTrainedTokenizerFast:
     )
 
 
+def byte_level_bpe(texts: Iterable[str], vocab_size: int, specials: list[str], min_frequency: int = 0) -> Tokenizer:
+    """The byte-level BPE backend (GPT-2's scheme) trained on `texts`, with `specials` first in its vocabulary."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        # Every byte is in the vocabulary even if the training texts never show it.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    return backend
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts`; the same texts give the same tokenizer.
 
@@ -62,20 +80,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency:
         )
     if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 1:
         raise ValueError(f"min_frequency={min_frequency!r} must be an int >= 1")
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=list(_ALL_SPECIAL),
-        # Every byte is in the vocabulary even if the training texts never show it.
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer=trainer)
-    tokenizer = _wrap(backend)
+    tokenizer = _wrap(byte_level_bpe(texts, vocab_size, list(_ALL_SPECIAL), min_frequency))
     logger.info("trained a byte-level BPE tokenizer with %d tokens", len(tokenizer))
     return tokenizer
 

@@ -26,7 +26,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -244,6 +244,139 @@ def open_devices(model: LoirePreTrainedModel, step: int, device_steps: int) -> f
     return progress
 
 
+# ----- the steps of `train` -----
+def _place(config: TrainConfig) -> tuple[torch.device, int, int]:
+    """The training device, this process's rank and the number of processes (1 without torchrun)."""
+    device = resolve_device(config.device)
+    rank, world = distributed.init(device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", distributed.local_rank())
+    if world > 1 and config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
+    return device, rank, world
+
+
+def _optimizer(
+    net: torch.nn.Module, config: TrainConfig, *, fused: bool
+) -> tuple[list[torch.nn.Parameter], torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """The trained parameters, AdamW (no weight decay on vectors: norms and biases) and its lr schedule."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.95),
+        fused=fused,
+    )
+    return params, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+
+
+def _resume(
+    ckpt_dir: Path | None, model: LoirePreTrainedModel, net: torch.nn.Module, optimizer, scheduler, *, sharded: bool
+) -> int:
+    """The step to start from: that of the last complete checkpoint in `ckpt_dir` (loaded), else 0."""
+    found = complete_checkpoints(ckpt_dir) if ckpt_dir is not None else []
+    latest = distributed.agree(found[-1] if found else None)  # every rank resumes from rank 0's choice
+    if latest is None:
+        return 0
+    if distributed.is_sharded_checkpoint(latest):
+        start = distributed.load_sharded_checkpoint(latest, net, optimizer, scheduler)
+    elif sharded:
+        raise ValueError(f"{latest}: written without FSDP; resume it without --fsdp or delete {ckpt_dir}")
+    else:
+        start = load_checkpoint(latest, model, optimizer, scheduler)
+    logger.info("resumed from %s (step %d)", latest, start)
+    return start
+
+
+def _teacher_cache(
+    teachers: list[LoirePreTrainedModel], batcher: Batcher, config: TrainConfig, start: int, device: torch.device
+) -> tuple[TeacherCache | None, float]:
+    """The teachers' outputs over what is left of the distillation window, and the FLOPs that cost."""
+    distill = config.distill
+    if not teachers or distill is None or distill.distill_steps <= start:
+        return None, 0.0
+    window = range(start * config.grad_accum, distill.distill_steps * config.grad_accum)
+    inputs = [batcher.micro_batch(*divmod(i, config.grad_accum))[0] for i in window]
+    cache = build_teacher_cache([t.to(device) for t in teachers], inputs, distill, device)
+    flops = sum(
+        len(inputs) * flops_per_step(t.config, inputs[0].shape[0], inputs[0].shape[1], training=False, head=_head(t))
+        for t in teachers
+    )
+    for t in teachers:
+        t.to("cpu")
+    return cache, flops
+
+
+def _accumulate(
+    net: torch.nn.Module,
+    batcher: Batcher,
+    config: TrainConfig,
+    step: int,
+    device: torch.device,
+    cache: TeacherCache | None,
+    kd_weight: float,
+    start: int,
+) -> dict[str, float]:
+    """Forward and backward every micro-batch of optimizer step `step`; the step's mean loss, LM and KD losses."""
+    is_causal = _unwrap(net).config.is_causal
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    totals = {"loss": 0.0, "lm": 0.0, "kd": 0.0}
+    for micro in range(config.grad_accum):
+        input_ids, labels = batcher.micro_batch(step, micro)
+        input_ids, labels = input_ids.to(device), labels.to(device)
+        with autocast:
+            logits = net(input_ids=input_ids).logits
+        loss = lm_loss(logits, labels, is_causal)
+        totals["lm"] += loss.item() / config.grad_accum
+        if kd_weight > 0:
+            positions = None if is_causal else labels != -100
+            kd = kd_loss(logits, cache, (step - start) * config.grad_accum + micro, positions)
+            totals["kd"] += kd.item() / config.grad_accum
+            loss = loss + kd_weight * kd
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"non-finite training loss ({loss.item()}) at step {step}: the stage is stopped")
+        (loss / config.grad_accum).backward()
+        totals["loss"] += loss.item() / config.grad_accum
+    return totals
+
+
+def _step_metrics(
+    totals: dict[str, float], kd_weight: float, lr: float, grad_norm: float, opening: float
+) -> dict[str, float]:
+    return {
+        "train/loss": totals["loss"],
+        "train/lm_loss": totals["lm"],
+        "train/kd_loss": totals["kd"],
+        "train/kd_weight": kd_weight,
+        "train/lr": lr,
+        "train/grad_norm": grad_norm,
+        "train/device_open": opening,
+    }
+
+
+def _checkpoint(
+    ckpt_dir: Path | None,
+    config: TrainConfig,
+    done: int,
+    model: LoirePreTrainedModel,
+    net: torch.nn.Module,
+    optimizer,
+    scheduler,
+    *,
+    sharded: bool,
+    rank: int,
+) -> None:
+    """Write a checkpoint after step `done` when one is due."""
+    if ckpt_dir is None or not config.checkpoint_every or done % config.checkpoint_every:
+        return
+    if sharded:  # a collective: every rank writes its shards
+        distributed.save_sharded_checkpoint(ckpt_dir, net, optimizer, scheduler, done, config.keep_checkpoints)
+    elif rank == 0:
+        save_checkpoint(ckpt_dir, model, optimizer, scheduler, done, config.keep_checkpoints)
+
+
 def train(
     model: LoirePreTrainedModel,
     blocks: torch.Tensor,
@@ -256,97 +389,43 @@ def train(
     resume: bool = False,
     on_log: OnLog | None = None,
 ) -> TrainResult:
-    """Train `model` in place on packed `blocks` (N, T); returns what happened."""
-    device = resolve_device(config.device)
-    rank, world = distributed.init(device)
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", distributed.local_rank())
-    if world > 1 and config.batch_size % world:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
+    """Train `model` in place on packed `blocks` (N, T); returns what happened. Steps: `_place`, `_optimizer`,
+    `_resume`, `_teacher_cache`, then per optimizer step `_accumulate`, clip and step, `_step_metrics`, `_checkpoint`.
+    """
+    device, rank, world = _place(config)
     torch.manual_seed(config.seed)
     sharded = config.fsdp and world > 1
     # FSDP trains a sharded copy (its parameters become DTensors) and gathers the result back into `model`.
     net = distributed.shard(copy.deepcopy(model), device) if sharded else model.to(device)
     net.train()
-    is_causal = model.config.is_causal
     batcher = Batcher(
         blocks,
         config,
         replay=replay,
-        is_causal=is_causal,
+        is_causal=model.config.is_causal,
         mask_token_id=mask_token_id,
         vocab_size=model.config.vocab_size,
         rank=rank,
         world=world,
     )
-    params = [p for p in net.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        betas=(0.9, 0.95),
-        fused=device.type == "cuda" and not sharded,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    params, optimizer, scheduler = _optimizer(net, config, fused=device.type == "cuda" and not sharded)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    start, resumed_from = 0, None
-    found = complete_checkpoints(ckpt_dir) if (resume and ckpt_dir is not None) else []
-    latest = distributed.agree(found[-1] if found else None)  # every rank resumes from rank 0's choice
-    if latest is not None:
-        if distributed.is_sharded_checkpoint(latest):
-            start = resumed_from = distributed.load_sharded_checkpoint(latest, net, optimizer, scheduler)
-        elif sharded:
-            raise ValueError(f"{latest}: written without FSDP; resume it without --fsdp or delete {ckpt_dir}")
-        else:
-            start = resumed_from = load_checkpoint(latest, model, optimizer, scheduler)
-        logger.info("resumed from %s (step %d)", latest, start)
+    start = _resume(ckpt_dir if resume else None, model, net, optimizer, scheduler, sharded=sharded)
     if world > 1 and not sharded:
         net = torch.nn.parallel.DistributedDataParallel(model)
-
-    cache: TeacherCache | None = None
-    teacher_flops = 0.0
     distill = config.distill if teachers else None
-    if distill is not None and distill.distill_steps > start:
-        window = range(start * config.grad_accum, distill.distill_steps * config.grad_accum)
-        inputs = [batcher.micro_batch(*divmod(i, config.grad_accum))[0] for i in window]
-        cache = build_teacher_cache([t.to(device) for t in teachers], inputs, distill, device)
-        cache_offset = start * config.grad_accum
-        for t in teachers:
-            teacher_flops += len(inputs) * flops_per_step(
-                t.config, inputs[0].shape[0], inputs[0].shape[1], training=False, head=_head(t)
-            )
-        for t in teachers:
-            t.to("cpu")
+    cache, teacher_flops = _teacher_cache(teachers or [], batcher, config, start, device)
 
     block_tokens = blocks.shape[1] * config.batch_size * config.grad_accum
     step_flops = flops_per_step(model.config, config.batch_size * config.grad_accum, blocks.shape[1], head=_head(model))
     history: list[dict[str, float]] = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
     progress = _Progress(config.steps, start, enabled=config.progress and rank == 0)
-    started = time.perf_counter()
-    window_tokens, window_start = 0, time.perf_counter()
-    loss_value = float("nan")
+    started = window_start = time.perf_counter()
+    window_tokens, loss_value = 0, float("nan")
     for step in range(start, config.steps):
         opening = open_devices(_unwrap(net), step, config.device_steps)
         kd_weight = distill.weight(step) if (distill is not None and cache is not None) else 0.0
-        totals = {"loss": 0.0, "lm": 0.0, "kd": 0.0}
-        for micro in range(config.grad_accum):
-            input_ids, labels = batcher.micro_batch(step, micro)
-            input_ids, labels = input_ids.to(device), labels.to(device)
-            with autocast:
-                logits = net(input_ids=input_ids).logits
-            loss = lm_loss(logits, labels, is_causal)
-            totals["lm"] += loss.item() / config.grad_accum
-            if kd_weight > 0:
-                positions = None if is_causal else labels != -100
-                kd = kd_loss(logits, cache, step * config.grad_accum + micro - cache_offset, positions)
-                totals["kd"] += kd.item() / config.grad_accum
-                loss = loss + kd_weight * kd
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"non-finite training loss ({loss.item()}) at step {step}: the stage is stopped")
-            (loss / config.grad_accum).backward()
-            totals["loss"] += loss.item() / config.grad_accum
+        totals = _accumulate(net, batcher, config, step, device, cache, kd_weight, start)
         grad_norm = distributed.local_norm(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
         if not torch.isfinite(grad_norm):
             raise TrainingDiverged(f"non-finite gradient norm at step {step}: the stage is stopped")
@@ -355,47 +434,32 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         if world > 1:  # the metrics of the global batch, the same on every rank
             totals = dict(zip(totals, distributed.mean(list(totals.values()), device), strict=True))
-        loss_value = totals["loss"]
+        loss_value, done = totals["loss"], step + 1
         window_tokens += block_tokens
-        done = step + 1
         if rank == 0 and (done % config.log_every == 0 or done == config.steps):
-            elapsed = time.perf_counter() - window_start
-            metrics = {
-                "train/loss": loss_value,
-                "train/lm_loss": totals["lm"],
-                "train/kd_loss": totals["kd"],
-                "train/kd_weight": kd_weight,
-                "train/lr": scheduler.get_last_lr()[0],
-                "train/grad_norm": float(grad_norm),
-                "train/device_open": opening,
-                "train/tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                "train/tokens": float(done * block_tokens),
-            }
+            metrics = _step_metrics(totals, kd_weight, scheduler.get_last_lr()[0], float(grad_norm), opening)
+            metrics["train/tokens_per_s"] = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+            metrics["train/tokens"] = float(done * block_tokens)
             history.append({"step": float(done), **metrics})
             if on_log is not None:
                 on_log(metrics, done)
             window_tokens, window_start = 0, time.perf_counter()
         progress.update(done, loss_value, (done - start) * block_tokens / max(time.perf_counter() - started, 1e-9))
-        if ckpt_dir is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
-            if sharded:  # a collective: every rank writes its shards
-                distributed.save_sharded_checkpoint(ckpt_dir, net, optimizer, scheduler, done, config.keep_checkpoints)
-            elif rank == 0:
-                save_checkpoint(ckpt_dir, model, optimizer, scheduler, done, config.keep_checkpoints)
+        _checkpoint(ckpt_dir, config, done, model, net, optimizer, scheduler, sharded=sharded, rank=rank)
     progress.close()
     if sharded:
         model.load_state_dict(distributed.full_state_dict(net))
         del net, optimizer
     open_devices(model, config.steps, config.device_steps)
-    trained = config.steps - start
     return TrainResult(
         steps=config.steps,
         tokens=config.steps * block_tokens,
         wall_time_s=time.perf_counter() - started,
         final_loss=loss_value,
-        flops=trained * step_flops,
+        flops=(config.steps - start) * step_flops,
         teacher_flops=teacher_flops,
         history=history,
-        resumed_from=resumed_from,
+        resumed_from=start or None,
     )
 
 
@@ -440,7 +504,3 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
-
-
-def result_json(result: TrainResult) -> str:
-    return json.dumps(asdict(result))

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import loire
 from loire import LoireConfig, LoireForCausalLM, LoireForMaskedLM, LoireForSequenceClassification
@@ -15,6 +19,20 @@ from loire.model import LoireNorm, LoirePreTrainedModel
 FAMILIES = ("gpt-tiny", "bert-tiny", "llama-tiny")
 HEADS = (LoireForCausalLM, LoireForMaskedLM, LoireForSequenceClassification)
 DATA_ROOT = Path(os.environ.get("LOIRE_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def every_family_and_head(max_examples: int) -> Callable[[Callable[..., None]], Any]:
+    """A hypothesis property `test(family, head, data)` run over every family × head, `max_examples` draws each."""
+
+    def decorate(test: Callable[..., None]) -> Any:
+        test = given(data=st.data())(test)
+        test = settings(
+            max_examples=max_examples, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+        )(test)
+        test = pytest.mark.parametrize("head", HEADS, ids=lambda c: c.__name__)(test)
+        return pytest.mark.parametrize("family", FAMILIES)(test)
+
+    return decorate
 
 
 def tiny_config(family: str, **overrides: object) -> LoireConfig:
@@ -30,6 +48,13 @@ def tiny_config(family: str, **overrides: object) -> LoireConfig:
         num_labels=3,
     )
     return loire.preset(family, **{**dims, **overrides})
+
+
+def tiny_lm(tokenizer: Any, seed: int = 0, **dims: Any) -> LoireForCausalLM:
+    """A seeded causal `tiny_config("gpt-tiny", **dims)` sized to `tokenizer` (vocabulary, pad / bos / eos)."""
+    torch.manual_seed(seed)
+    special = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("pad", "bos", "eos")}
+    return LoireForCausalLM(tiny_config("gpt-tiny", vocab_size=len(tokenizer), **special, **dims)).eval()
 
 
 @torch.no_grad()

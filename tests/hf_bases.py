@@ -19,12 +19,19 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from loire.tokenizer import byte_level_bpe
 from tests.conftest import DATA_ROOT
 
 BASE_FAMILIES = ("gpt2", "bert", "llama")
 TEXT_FILE = DATA_ROOT / "corpora" / "wb" / "wikitext2_valid.jsonl"
 _VOCAB = 400
 _DIMS = dict(hidden=32, heads=2, layers=2, ffn=64, positions=128)
+# The wrong-format bases `make_bad_base` builds, each with the words of the one-line refusal (loire.base).
+BAD_BASES = {
+    "pickle": "pickle checkpoints are refused",
+    "architecture": "cannot start a lifelong chain",
+    "tokenizer": "no tokenizer",
+}
 
 
 def sample_texts(limit: int = 1500) -> list[str]:
@@ -41,18 +48,7 @@ def sample_texts(limit: int = 1500) -> list[str]:
 
 
 def _byte_bpe(specials: list[str]) -> Tokenizer:
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=_VOCAB,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(sample_texts(), trainer=trainer)
-    return backend
+    return byte_level_bpe(sample_texts(), _VOCAB, specials)
 
 
 def _wordpiece() -> Tokenizer:
@@ -120,4 +116,21 @@ def make_base(family: str, folder: Path, seed: int = 0) -> Path:
     model = make_model(family, tok, seed)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
+    return folder
+
+
+def make_bad_base(case: str, good: Path, folder: Path) -> Path:
+    """A copy of the base `good` made wrong in one way (a key of `BAD_BASES`)."""
+    folder.mkdir()
+    for f in good.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    if case == "pickle":
+        (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    elif case == "architecture":
+        config = json.loads((folder / "config.json").read_text())
+        config["architectures"] = ["GPT2ForSequenceClassification"]
+        (folder / "config.json").write_text(json.dumps(config))
+    elif case == "tokenizer":
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            (folder / name).unlink(missing_ok=True)
     return folder

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 
 from loire.arrivals import (
+    LINEAGE_COLUMNS,
     Registered,
     covered,
     describe_version,
+    lineage_frame,
     owed,
     parse_tag_list,
     plan,
@@ -78,3 +80,15 @@ def test_small_helpers() -> None:
         stage=3, domain="BIO", ap=12.34, ap_plus=None, covers=["WB", "REV", "BIO"], carried=["REV"], decision="x"
     )
     assert text == "stage 3 BIO (+ carried REV) · AP 12.3 · AP+ - (first stage) · covers WB, REV, BIO · x"
+
+
+def test_lineage_frame_one_row_per_version_with_dashes_for_the_unknown() -> None:
+    base = dict(version=1, stage=0, domain="", corpus_uri="/bases/gpt2", etag="ab12", aliases=[], run_id="r" * 32)
+    wb = dict(version=2, stage=1, domain="WB", corpus_uri="s3://b/l/WB/1/", etag="e", aliases=["champion"], run_id="x")
+    chain = [{**base, "ap": None, "ap_plus": None}, {**wb, "ap": 12.5, "ap_plus": None, "covers": "WB", "pending": ""}]
+    frame = lineage_frame(chain)
+    assert tuple(frame.columns) == LINEAGE_COLUMNS
+    assert frame["version"].tolist() == ["1", "2"] and frame["stage"].tolist() == ["0", "1"]
+    assert frame["domain"].tolist() == ["-", "WB"] and frame["covers"].tolist() == ["-", "WB"]
+    assert frame["run"].tolist() == ["r" * 8, "x"] and frame["aliases"].tolist() == ["", "champion"]
+    assert frame["AP"].iloc[1] == 12.5 and frame["AP+"].isna().all()

@@ -18,7 +18,7 @@ from loire.model import LoireForCausalLM, LoireForMaskedLM
 from loire.schedule import Schedule, resolve_growth, schedule_preset
 from loire.tokenizer import DOMAIN_TOKENS, load_tokenizer
 from tests.conftest import DATA_ROOT
-from tests.hf_bases import BASE_FAMILIES, TEXT_FILE, make_base
+from tests.hf_bases import BAD_BASES, BASE_FAMILIES, TEXT_FILE, make_bad_base, make_base
 
 CORPORA = DATA_ROOT / "corpora"
 needs_data = pytest.mark.skipif(not TEXT_FILE.is_file(), reason=f"real text not found at {TEXT_FILE}")
@@ -104,29 +104,12 @@ def test_import_base_writes_stage_zero(bases: dict[str, Path], tmp_path: Path) -
     assert load_tokenizer(tmp_path / "s0").get_vocab() == load_tokenizer(bases["gpt2"]).get_vocab()
 
 
-def _bad_base(case: str, good: Path, folder: Path) -> Path:
-    folder.mkdir()
-    for f in good.iterdir():
-        (folder / f.name).write_bytes(f.read_bytes())
-    if case == "pickle":
-        (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
-    elif case == "architecture":
-        config = json.loads((folder / "config.json").read_text())
-        config["architectures"] = ["GPT2ForSequenceClassification"]
-        (folder / "config.json").write_text(json.dumps(config))
-    elif case == "tokenizer":
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            (folder / name).unlink(missing_ok=True)
-    return folder
-
-
 @pytest.mark.parametrize(
     ("case", "message"),
-    [("pickle", "pickle checkpoints are refused"), ("architecture", "cannot start a lifelong chain"),
-     ("tokenizer", "no tokenizer")],
-)  # fmt: skip
+    BAD_BASES.items(),
+)
 def test_a_bad_base_is_refused_in_one_line(bases: dict[str, Path], tmp_path: Path, case: str, message: str) -> None:
-    bad = _bad_base(case, bases["gpt2"], tmp_path / "bad")
+    bad = make_bad_base(case, bases["gpt2"], tmp_path / "bad")
     out = tmp_path / "run"
     result = runner.invoke(
         app, ["lifelong", "--base", str(bad), "--corpora", str(CORPORA), "--domains", "WB", "--out", str(out)]

@@ -38,7 +38,7 @@ from loire.downstream import (
 )
 from loire.io import load_model
 from loire.tokenizer import load_tokenizer, train_tokenizer
-from tests.conftest import DATA_ROOT
+from tests.conftest import DATA_ROOT, tiny_lm
 
 runner = CliRunner()
 REAL_DATA = pytest.mark.skipif(
@@ -288,20 +288,8 @@ def toy_model(tmp_path_factory: pytest.TempPathFactory, toy_root: Path) -> Path:
     folder = tmp_path_factory.mktemp("toy-model")
     texts = [r["sentence"] for r in _toy_rows(200, 9)]
     tok = train_tokenizer(texts, vocab_size=300)
-    config = loire.preset(
-        "gpt-tiny",
-        vocab_size=len(tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        head_dim=16,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(0)
-    loire.LoireForCausalLM(config).save_pretrained(folder)
+    dims = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, head_dim=16, intermediate_size=64)
+    tiny_lm(tok, max_position_embeddings=64, **dims).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

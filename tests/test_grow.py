@@ -2,14 +2,13 @@
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import loire
 from loire import LoireForCausalLM, LoireForMaskedLM, LoireForSequenceClassification
 from loire.grow import OPERATORS, grow, grow_layers
 from loire.grow.layers import spread_evenly
-from tests.conftest import FAMILIES, HEADS, assert_exact, build, logits, probe
+from tests.conftest import FAMILIES, assert_exact, build, every_family_and_head, logits, probe
 
 FIELD = {name: field for name, (_, field) in OPERATORS.items()}
 F64 = 1e-9  # float64: max |Δlogits| <= 1e-9 · max(1, max |logits|)
@@ -28,10 +27,7 @@ def draw_targets(data: st.DataObject, config: loire.LoireConfig, max_add: dict[s
 ADD = {"hidden": 29, "ffn": 40, "heads": 4, "layers": 4}  # hidden 20 → up to 49: mostly non-integer ratios
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("head", HEADS, ids=lambda c: c.__name__)
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
+@every_family_and_head(max_examples=12)
 def test_growth_is_exact_alone_chained_and_regrown(family: str, head: type, data: st.DataObject) -> None:
     seed = data.draw(st.integers(0, 2**16), label="seed")
     model = build(family, head, seed=seed)

@@ -2,22 +2,18 @@
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loire import LoireForCausalLM, LoireForMaskedLM, LoireForSequenceClassification
 from loire.grow import grow
 from loire.grow.hidden import can_split_hidden
 from loire.strategies import naive_expand
-from tests.conftest import FAMILIES, HEADS, assert_exact, build, logits, probe
+from tests.conftest import FAMILIES, assert_exact, build, every_family_and_head, logits, probe
 
 F64 = 1e-9
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("head", HEADS, ids=lambda c: c.__name__)
-@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
+@every_family_and_head(max_examples=2)
 def test_split_growth_is_exact(family: str, head: type, data: st.DataObject) -> None:
     seed = data.draw(st.integers(0, 2**16), label="seed")
     model = build(family, head, seed=seed)

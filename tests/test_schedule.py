@@ -50,8 +50,7 @@ def test_yaml_loads_with_defaults_and_simulated_sizes() -> None:
     ]
     final = s.final_config()
     assert final.vocab_size == 512 and final.head_dim == 32 and final.plugin_lambda_mode == "scheduled"
-    assert s.beta_at(0) == () and s.beta_at(1) == (1.0,) and s.beta_at(2) == (0.25, 0.75)
-    assert s.beta_at(4) == (0.25,) * 4  # uniform 1/(t−1) by default
+    assert s.stages[1].beta is None  # uniform 1/(t−1), applied by the distillation (loire.lifelong.teacher_betas)
     s.config_at(0).hidden_size = 999  # a copy: the schedule is not changed
     assert s.config_at(0).hidden_size == 64
     with pytest.raises(ValueError, match=r"stage_index=5 must be an int in \[0, 5\)"):

@@ -114,6 +114,8 @@ def grow_hidden(
     A tied head reads the final norm through the tiled (undivided) embedding, so the final norm's
     γ, β are divided by k instead. Unlike mean padding, the new dims start as copies of learned
     features, and the cancelling noise gives them distinct gradients from the first step.
+
+    Long mostly by this argument; the code below follows it writer by writer, reader by reader.
     """
     check_init(init)
     if init == "split":

@@ -51,3 +51,22 @@ def test_none_in_env_unsets_only_nullable_fields() -> None:
     assert raw == {"downstream_tasks": "none", "max_ap_plus": None, "tracking_uri": None}
     settings = load_settings(raw)
     assert settings.downstream_tasks == "none" and settings.max_ap_plus is None
+
+
+def test_an_invalid_variable_is_named_with_the_allowed_values_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOIRE_SETTINGS", raising=False)
+    monkeypatch.setenv("LOIRE_TRAIN_MODE", "cluster")
+    with pytest.raises(ValueError, match=r"train_mode \(LOIRE_TRAIN_MODE\): .*'in-process' or 'deployment'") as err:
+        load_settings()
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_variables_override_the_file_and_values_override_both(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    file = tmp_path / "pipeline.yaml"
+    file.write_text("strategy: replay\nsteps: 3\n")
+    monkeypatch.setenv("LOIRE_STEPS", "5")
+    monkeypatch.setenv("LOIRE_BASE_MODEL", "s3://models/gpt2/")
+    settings = load_settings({"device": "cpu"}, path=file)
+    assert (settings.strategy, settings.steps, settings.device) == ("replay", 5, "cpu")
+    assert settings.base_model == "s3://models/gpt2/" and PipelineSettings().steps == 5  # read by the class itself
+    assert load_settings({"steps": 7}, path=file).steps == 7

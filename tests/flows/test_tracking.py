@@ -38,6 +38,7 @@ from loire.grow import grow
 from loire.io import load_model
 from loire.lifelong import read_stage
 from loire.tokenizer import load_tokenizer, train_tokenizer
+from tests.conftest import tiny_lm
 from tests.flows.servers_mlflow import MlflowServer
 
 pytestmark = pytest.mark.integration
@@ -56,21 +57,8 @@ def _tokenizer() -> Any:
 
 
 def _tiny_model(tokenizer: Any) -> loire.LoireForCausalLM:
-    torch.manual_seed(0)
-    config = loire.preset(
-        "gpt-tiny",
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        head_dim=8,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return loire.LoireForCausalLM(config).eval()
+    dims = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, head_dim=8, intermediate_size=32)
+    return tiny_lm(tokenizer, max_position_embeddings=64, **dims)
 
 
 def _record(stage: int, domain: str, folder: Path, corpus_uri: str, parent: dict[str, Any] | None) -> dict[str, Any]:
