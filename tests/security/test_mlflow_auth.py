@@ -138,18 +138,20 @@ def _champion(uri: str) -> str | None:
 
 @pytest.fixture(scope="module")
 def promoted(server: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """As the pipeline's user: stage 1 registered and promoted, stage 2 registered and not promoted (yet)."""
+    """As the pipeline's user: stage 1 registered and promoted by the stage's tasks; a version 2 (the same model,
+    registered without an upload: what an intruder would like to make champion) left unpromoted."""
     root = tmp_path_factory.mktemp("stages")
     settings = _settings(server["uri"], root / "work")
     owed = {"covers": ["WB"], "pending": [], "carry": []}
     with login(PIPELINE):
         tracker = Tracker(server["uri"], model_name=MODEL, experiment=EXPERIMENT, retry=FAST)
-        run_1, folder_1 = _stage(tracker, root, 1, "WB")
-        v1 = register.fn(settings, run_1, str(folder_1), None, owed)
+        run_id, folder = _stage(tracker, root, 1, "WB")
+        v1 = register.fn(settings, run_id, str(folder), None, owed)
         decision = promote.fn(settings, v1, None, None, {}, None)
-        run_2, folder_2 = _stage(tracker, root, 2, "NEWS")
-        v2 = register.fn(settings, run_2, str(folder_2), None, {**owed, "covers": ["NEWS"]})
-    return {"v1": v1, "v2": v2, "decision": decision, "run_id": run_1, "root": root}
+        source = tracker.client.get_model_version(MODEL, v1).source
+        model_id = source.removeprefix("models:/")
+        v2 = tracker.client.create_model_version(MODEL, source, run_id, model_id=model_id, await_creation_for=0).version
+    return {"v1": v1, "v2": str(v2), "decision": decision, "run_id": run_id, "root": root}
 
 
 # ----------------------------------------------------------------------------------------------- tests
