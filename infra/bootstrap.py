@@ -708,7 +708,7 @@ def ensure_storage_identities(args: argparse.Namespace, log: Log) -> None:
 
     _, sqs = aws_clients(args.endpoint_url, args.sqs_endpoint_url, args.region)
     queue_arn = None if args.no_queue else _queue_arn(sqs, args.queue)
-    iam = boto3.client("iam", endpoint_url=args.iam_endpoint_url or None, region_name=args.region)
+    iam = boto3.client("iam", endpoint_url=args.iam_endpoint_url or args.endpoint_url or None, region_name=args.region)
     for party, policy in policies(args, queue_arn).items():
         user = party_user(party)
         if not ensure_iam_user(iam, user, log):
@@ -755,8 +755,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     access.add_argument(
         "--iam-endpoint-url",
-        default=env("AWS_ENDPOINT_URL_IAM") or env("AWS_ENDPOINT_URL") or None,
-        help="IAM endpoint [AWS_ENDPOINT_URL_IAM, else AWS_ENDPOINT_URL: SeaweedFS serves IAM on its S3 port]",
+        default=env("AWS_ENDPOINT_URL_IAM") or None,
+        help="IAM endpoint [AWS_ENDPOINT_URL_IAM]; default: --endpoint-url (SeaweedFS serves IAM on its S3 port)",
     )
     access.add_argument(
         "--artifact-prefix", default=env("LOIRE_ARTIFACT_PREFIX") or "mlflow/", help="MLflow's artifact prefix"
