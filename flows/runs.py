@@ -27,6 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Dataset as DatasetEntity
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import ErrorCode
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import (
     MAX_DATASET_DIGEST_SIZE,
@@ -37,7 +38,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
-from flows.redact import credentials_to_env
+from flows.redact import credentials_to_env, redact
 from flows.retry import RetryPolicy, call_with_retries, is_transient, short
 from loire.downstream.finetune import average_score, scores_frame
 from loire.metrics import ppl_frame
@@ -169,6 +170,31 @@ def _metrics(values: Mapping[str, Any], step: int, timestamp: int) -> list[Metri
     return out
 
 
+# ---------------------------------------------------------------------------- refused requests
+class TrackingAuthError(MlflowException):
+    """The tracking server refused the pipeline's login (401) or a permission (403). One line naming the server,
+    the user and what was refused, never the password; not transient, so it fails the stage at once."""
+
+
+_REFUSALS = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
+
+
+def refusal(exc: MlflowException, *, what: str, tracking_uri: str, experiment: str, model_name: str) -> str | None:
+    """The one-line message of an MLflow auth app refusal (error code UNAUTHENTICATED / PERMISSION_DENIED); None for
+    any other error. MLflow reads the login from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
+    status = _REFUSALS.get(str(exc.error_code))
+    if status is None:
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401:
+        who = f"user {user!r}: wrong username or password" if user else "an anonymous request: a login is required"
+        fix = "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+    else:
+        who = f"user {user or 'anonymous'!r}: no permission"
+        fix = f"an MLflow admin grants it on experiment {experiment!r} and model {model_name!r} (docs/security.md)"
+    return redact(f"MLflow at {tracking_uri} refused {what} for {who} ({status}); {fix}")
+
+
 # ------------------------------------------------------------------------------------ runs
 # MLflow's client retries every request itself (7 times with backoff by default: ~4 min against a closed
 # port) before the tracker's policy sees an error, so the two layers would multiply (~40 min). The policy
@@ -211,7 +237,18 @@ class RunLog:
         self._experiment_id: str | None = None  # resolved lazily: constructing a Tracker needs no server
 
     def _call(self, what: str, fn: Callable[..., T], *args: Any, policy: RetryPolicy | None = None, **kw: Any) -> T:
-        return call_with_retries(lambda: fn(*args, **kw), what=what, policy=policy or self.retry)
+        try:
+            return call_with_retries(lambda: fn(*args, **kw), what=what, policy=policy or self.retry)
+        except TrackingAuthError:
+            raise
+        except MlflowException as exc:
+            message = refusal(
+                exc, what=what, tracking_uri=self.tracking_uri, experiment=self.experiment, model_name=self.model_name
+            )
+            if message is None:
+                raise
+            code = ErrorCode.Value(str(exc.error_code))
+            raise TrackingAuthError(message, error_code=code) from None  # the server's page adds nothing
 
     # ------------------------------------------------------------------------------- runs
     def experiment_id(self) -> str:
@@ -381,9 +418,11 @@ def stage_metrics(record: Mapping[str, Any]) -> dict[str, float]:
 __all__ = [
     "MetricBuffer",
     "RunLog",
+    "TrackingAuthError",
     "arrival_key",
     "dataset_digest",
     "flatten_params",
     "metric_key",
+    "refusal",
     "stage_metrics",
 ]

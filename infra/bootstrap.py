@@ -96,6 +96,9 @@ def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     status = getattr(getattr(exc, "response", None), "status_code", None)
     hint = " (check PREFECT_API_AUTH_STRING)" if status in (401, 403) else ""
+    code = str(getattr(exc, "error_code", ""))
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):  # MLflow's auth app
+        hint = " (bootstrap signs in to MLflow as its admin: MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"
     return f"{type(exc).__name__}: {text}{hint}"
 
 
@@ -454,6 +457,267 @@ def ensure_registered_model(tracking_uri: str | None, name: str, experiment: str
         log.say("exists", f"experiment {experiment}")
 
 
+# ----------------------------------------------------------------------------------------- MLflow access
+# `mlflow server --app-name basic-auth` (infra/mlflow/basic_auth.ini: default_permission NO_PERMISSIONS). The
+# pipeline's user writes the experiment and manages the registered model; readers (role READER_ROLE) read both.
+PIPELINE_USER = "loire-pipeline"
+READER_USER = "loire-reader"
+READER_ROLE = "loire-reader"
+AUTH_WORKSPACE = "default"  # MLflow keeps roles per workspace; a server without workspaces has only "default"
+MIN_MLFLOW_PASSWORD = 12  # MLflow refuses shorter passwords
+
+
+@dataclass(frozen=True)
+class MlflowAccount:
+    """An MLflow user bootstrap keeps in step with a secret of the environment."""
+
+    name: str
+    password_env: str
+
+
+MLFLOW_ACCOUNTS = (
+    MlflowAccount(PIPELINE_USER, "MLFLOW_PIPELINE_PASSWORD"),
+    MlflowAccount(READER_USER, "MLFLOW_READER_PASSWORD"),
+)
+
+
+def _password(account: MlflowAccount) -> str:
+    password = os.environ.get(account.password_env, "")
+    if len(password) < MIN_MLFLOW_PASSWORD:
+        state = "is not set" if not password else f"is shorter than {MIN_MLFLOW_PASSWORD} characters"
+        raise BootstrapError(f"{account.password_env} {state}: the password of MLflow user {account.name}")
+    return password
+
+
+def _mlflow_code(exc: Exception) -> str:
+    return str(getattr(exc, "error_code", ""))
+
+
+def _signs_in(tracking_uri: str, user: str, password: str, model_name: str) -> bool:
+    """Whether the server accepts this user and password (any answer but 401: a 403 or 404 still authenticated)."""
+    import requests
+
+    url = f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/registered-models/get"
+    response = requests.get(url, params={"name": model_name}, auth=(user, password), timeout=30)
+    return response.status_code != 401
+
+
+def ensure_mlflow_user(auth: Any, tracking_uri: str, account: MlflowAccount, model_name: str, log: Log) -> bool:
+    """Whether the user exists now (False only in a dry run before its creation)."""
+    from mlflow.exceptions import MlflowException
+
+    password = _password(account)
+    what = f"mlflow user {account.name}"
+    try:
+        auth.get_user(account.name)
+    except MlflowException as exc:
+        if _mlflow_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return log.apply("create", what, lambda: auth.create_user(account.name, password)) is not None
+    if _signs_in(tracking_uri, account.name, password, model_name):
+        log.say("exists", what)
+        return True
+    # the secret was rotated in the environment: the environment wins
+    log.apply(
+        "update",
+        f"{what}: password (from {account.password_env})",
+        lambda: auth.update_user_password(account.name, password),
+    )
+    return True
+
+
+def ensure_user_grant(auth: Any, user: str, resource_type: str, resource_id: str, permission: str, log: Log) -> None:
+    what = f"mlflow grant {permission} on {resource_type} {resource_id} to {user}"
+    current = auth.get_user_permission(user, resource_type, resource_id).permission
+    if current == permission:
+        log.say("exists", what)
+        return
+    log.apply(
+        "update" if current != "NO_PERMISSIONS" else "create",
+        what,
+        lambda: auth.grant_user_permission(user, resource_type, resource_id, permission),
+    )
+
+
+def ensure_reader_role(auth: Any, grants: dict[tuple[str, str], str], log: Log) -> int | None:
+    """The role READER_ROLE holding exactly `grants` ((type, id) -> permission); its id (None in a dry run)."""
+    found = [role for role in auth.list_roles(AUTH_WORKSPACE) if role.name == READER_ROLE]
+    if found:
+        role_id = found[0].id
+        log.say("exists", f"mlflow role {READER_ROLE}")
+    else:
+        created = log.apply(
+            "create",
+            f"mlflow role {READER_ROLE}",
+            lambda: auth.create_role(AUTH_WORKSPACE, READER_ROLE, "LOIRE consumers: read runs and load models"),
+        )
+        if created is None:
+            return None
+        role_id = created.id
+    have = {(p.resource_type, p.resource_pattern): p for p in auth.list_role_permissions(role_id)}
+    for (resource_type, resource_id), permission in grants.items():
+        what = f"mlflow role {READER_ROLE}: {permission} on {resource_type} {resource_id}"
+        current = have.get((resource_type, resource_id))
+        if current is None:
+            log.apply(
+                "create",
+                what,
+                lambda t=resource_type, r=resource_id, p=permission: auth.add_role_permission(role_id, t, r, p),
+            )
+        elif current.permission != permission:
+            log.apply("update", what, lambda i=current.id, p=permission: auth.update_role_permission(i, p))
+        else:
+            log.say("exists", what)
+    return role_id
+
+
+def ensure_role_member(auth: Any, user: str, role_id: int | None, log: Log) -> None:
+    what = f"mlflow user {user} in role {READER_ROLE}"
+    if role_id is not None and any(role.id == role_id for role in auth.list_user_roles(user)):
+        log.say("exists", what)
+        return
+    log.apply("create", what, lambda: auth.assign_role(user, role_id))
+
+
+def ensure_mlflow_access(tracking_uri: str | None, model_name: str, experiment: str | None, log: Log) -> None:
+    """Users, grants and the reader role on an MLflow server run with `--app-name basic-auth`; bootstrap itself
+    signs in as the admin (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)."""
+    if not tracking_uri or not experiment:
+        raise BootstrapError("--mlflow-auth needs MLFLOW_TRACKING_URI (or --tracking-uri) and an experiment")
+    from mlflow import MlflowClient
+    from mlflow.server.auth.client import AuthServiceClient
+
+    found = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(experiment)
+    if found is None:  # only in a dry run: ensure_registered_model creates it first
+        log.say("unknown", f"mlflow grants on experiment {experiment} (it does not exist yet)")
+        return
+    auth = AuthServiceClient(tracking_uri)
+    exist = [ensure_mlflow_user(auth, tracking_uri, account, model_name, log) for account in MLFLOW_ACCOUNTS]
+    if not all(exist):  # a dry run before the users exist
+        log.say("would create", f"mlflow grants and role {READER_ROLE}")
+        return
+    ensure_user_grant(auth, PIPELINE_USER, "experiment", found.experiment_id, "EDIT", log)
+    ensure_user_grant(auth, PIPELINE_USER, "registered_model", model_name, "MANAGE", log)
+    grants = {("experiment", found.experiment_id): "READ", ("registered_model", model_name): "READ"}
+    ensure_role_member(auth, READER_USER, ensure_reader_role(auth, grants, log), log)
+
+
+# ---------------------------------------------------------------------------------------- storage access
+# One IAM user per party, each with the inline policy of infra/iam/<party>.json: the producer writes the landing
+# prefix, the pipeline reads it and writes the artifact prefix, consumers read artifacts. AWS IAM, SeaweedFS's
+# embedded IAM API (on its S3 port) and moto speak the same API.
+PARTIES = ("producer", "pipeline", "consumer")
+IAM_DIR = Path(__file__).resolve().parent / "iam"
+
+
+def party_user(party: str) -> str:
+    return f"loire-{party}"
+
+
+def render_policy(party: str, bucket: str, landing_prefix: str, artifact_prefix: str, queue_arn: str | None) -> dict:
+    """infra/iam/<party>.json with its placeholders filled; statements about the queue dropped when there is none."""
+    from string import Template
+
+    for name, value in (("prefix", landing_prefix), ("artifact prefix", artifact_prefix)):
+        if any(c in value for c in '"\\*?$') or value.startswith("/"):
+            raise BootstrapError(f"{name} {value!r}: must be a plain key prefix (no quotes, wildcards or leading /)")
+    text = (IAM_DIR / f"{party}.json").read_text()
+    values = {"BUCKET": bucket, "LANDING_PREFIX": landing_prefix, "ARTIFACT_PREFIX": artifact_prefix}
+    policy = json.loads(Template(text).safe_substitute(values, QUEUE_ARN=queue_arn or "${QUEUE_ARN}"))
+    if queue_arn is None:
+        policy["Statement"] = [s for s in policy["Statement"] if "${QUEUE_ARN}" not in json.dumps(s)]
+    return policy
+
+
+def _policy_dict(document: Any) -> dict:
+    # boto3 decodes AWS's URL-encoded policy documents into dicts; other servers may answer with the JSON text
+    from urllib.parse import unquote
+
+    return document if isinstance(document, dict) else json.loads(unquote(str(document)))
+
+
+def ensure_iam_user(iam: Any, user: str, log: Log) -> bool:
+    """Whether the user exists now (False only in a dry run before its creation)."""
+    try:
+        iam.get_user(UserName=user)
+        log.say("exists", f"iam user {user}")
+        return True
+    except iam.exceptions.NoSuchEntityException:
+        return log.apply("create", f"iam user {user}", lambda: iam.create_user(UserName=user)) is not None
+
+
+def ensure_user_policy(iam: Any, user: str, policy: dict, log: Log) -> None:
+    what = f"iam policy {user} (infra/iam/{user.removeprefix('loire-')}.json)"
+    try:
+        current = _policy_dict(iam.get_user_policy(UserName=user, PolicyName=user)["PolicyDocument"])
+    except iam.exceptions.NoSuchEntityException:
+        current = None
+    if current == policy:
+        log.say("exists", what)
+        return
+    log.apply(
+        "create" if current is None else "update",
+        what,
+        lambda: iam.put_user_policy(UserName=user, PolicyName=user, PolicyDocument=json.dumps(policy)),
+    )
+
+
+def ensure_access_key(iam: Any, party: str, keys_file: Path | None, log: Log) -> None:
+    """An access key of the party's user; a new one goes to `keys_file` (mode 600) as <PARTY>_S3_ACCESS_KEY_ID /
+    <PARTY>_S3_SECRET_ACCESS_KEY lines for infra/.env. Only the key id is printed, never the secret."""
+    user = party_user(party)
+    keys = iam.list_access_keys(UserName=user)["AccessKeyMetadata"]
+    if keys:
+        log.say("exists", f"access key {keys[0]['AccessKeyId']} of {user}")
+        return
+    if keys_file is None and not log.dry_run:
+        raise BootstrapError(f"{user} has no access key: pass --keys-file FILE to receive a new one (never printed)")
+    created = log.apply("create", f"access key of {user} (secret in {keys_file})", lambda: _new_key(iam, user))
+    if created is None:
+        return
+    prefix = party.upper()
+    assert keys_file is not None  # checked above; a dry run returned
+    descriptor = os.open(keys_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(descriptor, "a") as out:
+        out.write(f"{prefix}_S3_ACCESS_KEY_ID={created['AccessKeyId']}\n")
+        out.write(f"{prefix}_S3_SECRET_ACCESS_KEY={created['SecretAccessKey']}\n")
+    log.say("wrote", f"{prefix}_S3_ACCESS_KEY_ID={created['AccessKeyId']} and its secret to {keys_file}")
+
+
+def _new_key(iam: Any, user: str) -> dict[str, str]:
+    return iam.create_access_key(UserName=user)["AccessKey"]
+
+
+def _queue_arn(sqs: Any, queue: str | None) -> str | None:
+    if not queue:
+        return None
+    try:
+        url = sqs.get_queue_url(QueueName=queue)["QueueUrl"]
+    except sqs.exceptions.QueueDoesNotExist:
+        return None
+    return sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+
+
+def policies(args: argparse.Namespace, queue_arn: str | None) -> dict[str, dict]:
+    landing = args.prefix.lstrip("/")
+    return {p: render_policy(p, args.bucket, landing, args.artifact_prefix, queue_arn) for p in PARTIES}
+
+
+def ensure_storage_identities(args: argparse.Namespace, log: Log) -> None:
+    import boto3
+
+    _, sqs = aws_clients(args.endpoint_url, args.sqs_endpoint_url, args.region)
+    queue_arn = None if args.no_queue else _queue_arn(sqs, args.queue)
+    iam = boto3.client("iam", endpoint_url=args.iam_endpoint_url or args.endpoint_url or None, region_name=args.region)
+    for party, policy in policies(args, queue_arn).items():
+        user = party_user(party)
+        if not ensure_iam_user(iam, user, log):
+            log.say("would create", f"iam policy {user} and an access key")
+            continue
+        ensure_user_policy(iam, user, policy, log)
+        ensure_access_key(iam, party, args.keys_file, log)
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
@@ -480,11 +744,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="SQS queue for _SUCCESS notifications [LOIRE_QUEUE]",
     )
     aws.add_argument("--no-queue", action="store_true", help="no queue or notification (stores without SQS)")
+    access = parser.add_argument_group("storage identities (infra/iam/*.json; docs/security.md)")
+    access.add_argument(
+        "--storage-identities",
+        action="store_true",
+        help="create IAM users loire-producer, loire-pipeline, loire-consumer with their policies and keys",
+    )
+    access.add_argument(
+        "--keys-file", type=Path, default=None, help="where new access keys are appended (mode 600), never printed"
+    )
+    access.add_argument(
+        "--iam-endpoint-url",
+        default=env("AWS_ENDPOINT_URL_IAM") or None,
+        help="IAM endpoint [AWS_ENDPOINT_URL_IAM]; default: --endpoint-url (SeaweedFS serves IAM on its S3 port)",
+    )
+    access.add_argument(
+        "--artifact-prefix", default=env("LOIRE_ARTIFACT_PREFIX") or "mlflow/", help="MLflow's artifact prefix"
+    )
+    access.add_argument(
+        "--print-policies", action="store_true", help="print the three policies for this bucket and exit"
+    )
+    access.add_argument("--queue-arn", default=None, help="with --print-policies: the arrival queue's ARN")
     mlflow = parser.add_argument_group("MLflow")
     mlflow.add_argument("--tracking-uri", default=env("MLFLOW_TRACKING_URI") or None, help="[MLFLOW_TRACKING_URI]")
     mlflow.add_argument("--model-name", default=env("LOIRE_MODEL_NAME") or "loire-lm", help="[LOIRE_MODEL_NAME]")
     mlflow.add_argument(
         "--experiment", default=env("LOIRE_EXPERIMENT") or "loire", help="'' for none [LOIRE_EXPERIMENT]"
+    )
+    mlflow.add_argument(
+        "--mlflow-auth",
+        action="store_true",
+        help=f"as the admin of a basic-auth server: users {PIPELINE_USER} and {READER_USER} (passwords from "
+        f"MLFLOW_PIPELINE_PASSWORD / MLFLOW_READER_PASSWORD), their grants and the role {READER_ROLE}",
     )
     prefect = parser.add_argument_group("Prefect")
     prefect.add_argument("--cpu-pool", default="cpu")
@@ -518,9 +809,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     log = Log(dry_run=args.dry_run)
     try:
+        if args.print_policies:
+            for party, policy in policies(args, args.queue_arn).items():
+                print(f"# {party_user(party)}\n{json.dumps(policy, indent=2)}", flush=True)
+            return 0
         queue_url = None
         if not args.no_s3:
             queue_url = retrying(lambda: setup_storage(args, log), wait_s=args.wait, what="S3/SQS endpoint", log=log)
+        if args.storage_identities:
+            retrying(lambda: ensure_storage_identities(args, log), wait_s=args.wait, what="IAM endpoint", log=log)
         if not args.no_prefect:
             retrying(lambda: ensure_work_pools(args, log), wait_s=args.wait, what="Prefect API", log=log)
             retrying(lambda: ensure_automations(log), wait_s=args.wait, what="Prefect API", log=log)
@@ -531,6 +828,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 what="MLflow tracking server",
                 log=log,
             )
+            if args.mlflow_auth:
+                retrying(
+                    lambda: ensure_mlflow_access(args.tracking_uri, args.model_name, args.experiment, log),
+                    wait_s=args.wait,
+                    what="MLflow tracking server",
+                    log=log,
+                )
         environment = deploy_environment(args, queue_url)
         if args.deploy:
             deploy(environment, log)
