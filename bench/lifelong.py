@@ -49,6 +49,12 @@ RESULTS = ROOT / "bench" / "results"
 BUDGETS: dict[str, dict[str, Any]] = {
     "short": {"schedule": "gpt-tiny", "eval_blocks": 32},
     "long": {"schedule": "gpt-tiny-long", "eval_blocks": 128},
+    # The growth planner against the ladder's reverse (bench/planner.py compares them with the ladder):
+    # the same stages, each at the ladder's FLOPs.
+    "short-planned": {"schedule": "gpt-tiny-planned", "eval_blocks": 32},
+    "short-reverse": {"schedule": "gpt-tiny-reverse", "eval_blocks": 32},
+    "long-planned": {"schedule": "gpt-tiny-long-planned", "eval_blocks": 128},
+    "long-reverse": {"schedule": "gpt-tiny-long-reverse", "eval_blocks": 128},
 }
 MAIN = ["loire", "loire-er", "fixed-small", "fixed-large", "retrain", "token-kd", "replay", "elle"]
 # Benchmark-only variants: (base strategy, replaced fields). `elle-er` is ELLE at the replay ratio that

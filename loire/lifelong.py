@@ -216,6 +216,20 @@ def fit_budget(plan: StagePlan, model: LoirePreTrainedModel, spent: float = 0.0)
     return dataclasses.replace(plan, steps=steps, distill_window=distill_window(spec, plan.strategy, steps))
 
 
+def _decision_summary(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The growth planner's choice in a lifelong summary: what, why, and each probe's loss and cost."""
+    decision = record["growth"]["decision"]
+    probes = {
+        p["name"]: {"loss": p["loss"], "cost_ratio": p["cost_ratio"], "gain": p["gain"]} for p in decision["probes"]
+    }
+    return {
+        "chosen": decision["chosen"],
+        "reason": decision["reason"],
+        "probe_flops": decision["probe_flops"],
+        "probes": probes,
+    }
+
+
 def _head(config: LoireConfig) -> str:
     return "causal_lm" if config.is_causal else "masked_lm"
 
@@ -817,7 +831,13 @@ def run_lifelong(
                 "wall_time_s": result.wall_time_s,
                 "growth_max_abs_logit_diff": result.growth_max_abs_logit_diff,
                 "dims": result.record["dims"],
+                "growth": result.record["growth"]["targets"],
                 **({"ppl_init": result.record["ppl_init"]} if "ppl_init" in result.record else {}),
+                **(
+                    {"growth_decision": _decision_summary(result.record)}
+                    if "decision" in result.record["growth"]
+                    else {}
+                ),
             }
         )
         parent = stage_dir
