@@ -411,12 +411,12 @@ def _publish(
         key="lifelong-ppl",
         description=f"PPL per seen domain after each stage (stage {record['stage']})",
     )
-    decision = (record.get("growth") or {}).get("decision")
-    if decision is not None:
+    planned = (record.get("growth") or {}).get("decision")  # the growth planner's choice, when it decided
+    if planned is not None:
         create_table_artifact(
-            probes_frame(decision).to_dict(orient="records"),
+            probes_frame(planned).to_dict(orient="records"),
             key="growth-decision",
-            description=f"Growth planner, stage {record['stage']}: {decision['reason']}",
+            description=f"Growth planner, stage {record['stage']}: {planned['reason']}",
         )
     chain = _tracker(settings).lineage(version)
     model_link, run_link = _mlflow_links(settings, version, run_id)

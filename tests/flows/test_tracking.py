@@ -205,6 +205,35 @@ def test_run_tags_params_dataset_and_stage_metrics(registered: Registered) -> No
     assert len(client.get_run(run_id).inputs.dataset_inputs) == 1
 
 
+def test_a_planned_growth_is_tagged_and_its_probes_logged_as_a_table(registered: Registered, tmp_path: Path) -> None:
+    tracker = registered.tracker
+    record = _record(1, "WB", tmp_path / "s", "s3://landing/corpora/wb/planned", None)
+    probe = {"parameters": 10, "cost_ratio": 1.0, "steps": 8, "flops": 1e6, "loss_start": 6.0, "loss": 5.0}
+    record["growth"]["decision"] = {
+        "chosen": "hidden=32",
+        "targets": {"hidden": 32},
+        "reason": "grow: best growth hidden=32 ...",
+        "probes": [
+            {**probe, "name": "none", "gain": 0.0, "gain_se": 0.0},
+            {**probe, "name": "hidden=32", "cost_ratio": 1.9, "steps": 4, "loss": 4.8, "gain": 0.2, "gain_se": 0.05},
+        ],
+    }
+    run_id = tracker.start_stage_run(
+        stage=1,
+        domain="WB",
+        flow_run_id=None,
+        params={},
+        corpus_uri="s3://landing/corpora/wb/planned",
+        corpus_etag=ETAG,
+    )
+    tracker.log_stage_metrics(run_id, record)
+    run = tracker.client.get_run(run_id)
+    assert run.data.tags["loire.growth.decision"] == "hidden=32"
+    table = json.loads(Path(tracker.client.download_artifacts(run_id, "growth/decision_table.json")).read_text())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert [(r["name"], r["chosen"]) for r in rows] == [("none", False), ("hidden=32", True)]
+
+
 def test_on_log_logs_batched_metrics_at_their_steps(registered: Registered) -> None:
     history = registered.tracker.client.get_metric_history(registered.runs[0], "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(1, 5.0), (2, 4.0), (3, 3.0)]
