@@ -50,6 +50,9 @@ def test_duplicates_start_no_second_stage(pipeline: Pipeline) -> None:
     assert len(pipeline.versions()) == before
 
 
+# slow (make test-all): the arrival-order promise is also checked in the fast set by
+# tests/reliability/test_duplicates.py::test_arrivals_during_a_running_stage_wait_then_run_in_arrival_order
+@pytest.mark.slow
 def test_two_domains_in_the_same_second_run_one_after_another_in_order(pipeline: Pipeline) -> None:
     before = len(pipeline.versions())
     pipeline.upload("REV", "2026-03")

@@ -149,6 +149,9 @@ def test_arrivals_during_a_running_stage_wait_then_run_in_arrival_order(pipeline
     assert pipeline.champion() == str(news.version)
 
 
+# slow (make test-all): bad input failing only its stage is also checked in the fast set by
+# tests/flows/test_pipeline.py::test_malformed_corpus_fails_its_stage_only
+@pytest.mark.slow
 def test_marker_without_data_fails_its_stage_and_the_next_arrival_runs(pipeline: Pipeline) -> None:
     versions = [str(v.version) for v in pipeline.versions()]
     champion = pipeline.champion()
