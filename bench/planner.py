@@ -111,26 +111,14 @@ def plot(budget: str, rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"ladder": "C0", "planned": "C1", "reverse": "C2"}
     for name in SCHEDULES:
         runs = [r["run"] for r in rows if r["schedule"] == name]
         for i, run in enumerate(runs):
             stages = [s["stage"] for s in run["stages"]]
-            ax1.plot(
-                stages,
-                [s["ap"] for s in run["stages"]],
-                marker="o",
-                alpha=0.8,
-                color={"ladder": "C0", "planned": "C1", "reverse": "C2"}[name],
-                label=name if i == 0 else None,
-            )
-            ax2.plot(
-                stages,
-                [s["cumulative_flops"] for s in run["stages"]],
-                marker=".",
-                alpha=0.8,
-                color={"ladder": "C0", "planned": "C1", "reverse": "C2"}[name],
-                label=name if i == 0 else None,
-            )
+            style = {"alpha": 0.8, "color": colors[name], "label": name if i == 0 else None}
+            ax1.plot(stages, [s["ap"] for s in run["stages"]], marker="o", **style)
+            ax2.plot(stages, [s["cumulative_flops"] for s in run["stages"]], marker=".", **style)
     ax1.set(xlabel="stage", ylabel="AP (mean PPL over seen domains)", title=f"AP per stage ({budget})")
     ax2.set(xlabel="stage", ylabel="cumulative FLOPs", title="compute")
     ax1.legend()
