@@ -41,7 +41,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import machine_facts  # noqa: E402
-from loire.lifelong import run_lifelong  # noqa: E402
+from loire.lifelong import REPLAY_MEMORY_DIVISOR, run_lifelong  # noqa: E402
 from loire.schedule import DOMAINS  # noqa: E402
 from loire.strategies import REPLAY_RATIO, STRATEGIES  # noqa: E402
 
@@ -361,7 +361,10 @@ def render(budget: str, stages: pd.DataFrame, summary: pd.DataFrame, runs: list[
         f"Machine: {m['cpu']}, {m['cores']} cores, one torch thread per run (two runs at a time), "
         f"torch {m['torch']}. Schedule `{sched['schedule']}`, {sched['eval_blocks']} validation blocks of 64 "
         "tokens per domain. Every number is the mean ± std over the seeds run (n = seeds); FLOPs include "
-        "teacher forward passes. Run files: `lifelong/" + budget + "/runs/<strategy>/seed<k>.json`.",
+        "teacher forward passes. Run files: `lifelong/" + budget + "/runs/<strategy>/seed<k>.json`. Replay "
+        "memory: half the new domain's training blocks per earlier domain (`REPLAY_MEMORY_DIVISOR` = "
+        f"{REPLAY_MEMORY_DIVISOR}); the replaying runs made with a tenth are kept under `runs-mem10/` "
+        "(docs/training.md says why the memory changed).",
         "",
         "![AP vs FLOPs](lifelong-" + budget + "-ap-flops.png)",
         "",
