@@ -91,7 +91,9 @@ def version_tags(stage_plan: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def description(record: dict[str, Any], stage_plan: dict[str, Any], decision: str) -> str:
+def description(
+    record: dict[str, Any], stage_plan: dict[str, Any], decision: str, max_ap_plus: float | None = None
+) -> str:
     return describe_version(
         stage=int(record["stage"]),
         domain=str(record["domain"]),
@@ -101,6 +103,7 @@ def description(record: dict[str, Any], stage_plan: dict[str, Any], decision: st
         pending=stage_plan["pending"],
         carried=[c["domain"] for c in stage_plan["carry"]],
         decision=decision,
+        max_ap_plus=max_ap_plus,
     )
 
 

@@ -23,6 +23,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from flows.redact import credentials_to_env, redact
+from loire.promotion import DEFAULT_MAX_AP_PLUS
 
 ENV_PREFIX = "LOIRE_"
 SETTINGS_FILE_ENV = ENV_PREFIX + "SETTINGS"
@@ -82,12 +83,12 @@ class PipelineSettings(BaseSettings):
     )
     fsdp: bool = Field(False, description="Under torchrun: shard the model with FSDP instead of DDP (LOIRE_FSDP).")
     max_ap_plus: float | None = Field(
-        100.0,
+        DEFAULT_MAX_AP_PLUS,
         description="Promotion gate: AP+ (mean rise of the earlier domains' perplexity since each was learnt) at or "
         "below this (None: no AP+ gate). In perplexity points, so it depends on the model size. At the CPU presets "
         "(bench/results/lifelong.md, gpt-tiny) the default strategy `loire` (replay + distillation) keeps AP+ below 0, "
-        "LOIRE without replay shows 157-454 and fine-tuning a fixed model 287-1284: 100 rejects real forgetting "
-        "there. Use a few points for base-sized models.",
+        "LOIRE without replay shows 157-454 and fine-tuning a fixed model 287-1284: 100 (loire.promotion's default "
+        "too) rejects real forgetting there. Use a few points for base-sized models.",
     )
     downstream_tolerance: float = Field(
         0.02, ge=0, description="Promotion gate: downstream average may fall this much below the champion's."

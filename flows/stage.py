@@ -250,7 +250,7 @@ def register(
             Path(out_dir),
             parent_version=parent_version,
             extra_tags=carry.version_tags(owed),
-            description=carry.description(record, owed, "promotion pending"),
+            description=carry.description(record, owed, "promotion pending", settings.max_ap_plus),
         )
         .version
     )
@@ -567,7 +567,9 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
             {r["task"]: r["mean"] for r in downstream if r["ok"]},
             parent["version"],
         )
-        carry.describe(_tracker(cfg), version, carry.description(record, owed, _decision_line(cfg, decision)))
+        carry.describe(
+            _tracker(cfg), version, carry.description(record, owed, _decision_line(cfg, decision), cfg.max_ap_plus)
+        )
         if decision["promoted"]:
             logger.info("version %s is the new champion (was %s)", version, decision["previous"])
         else:

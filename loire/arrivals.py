@@ -181,13 +181,16 @@ def describe_version(
     pending: Sequence[str] = (),
     carried: Sequence[str] = (),
     decision: str = "promotion pending",
+    max_ap_plus: float | None = None,
 ) -> str:
-    """The one-line description of a registered version (the MLflow UI's Description column)."""
+    """The one-line description of a registered version (the MLflow UI's Description column); `max_ap_plus`,
+    the AP+ gate the decision used, is shown beside AP+ (None: no gate)."""
     parts = [f"stage {stage} {domain}"]
     if carried:
         parts[0] += f" (+ carried {', '.join(carried)})"
     parts.append(f"AP {ap:.1f}" if ap is not None else "AP -")
-    parts.append(f"AP+ {ap_plus:.1f}" if ap_plus is not None else "AP+ - (first stage)")
+    gate = "" if max_ap_plus is None else f" (gate <= {max_ap_plus:g})"
+    parts.append(f"AP+ {ap_plus:.1f}{gate}" if ap_plus is not None else "AP+ - (first stage)")
     parts.append(f"covers {', '.join(covers) or '-'}")
     if pending:
         parts.append(f"still owed {', '.join(pending)}")

@@ -80,6 +80,8 @@ def test_small_helpers() -> None:
         stage=3, domain="BIO", ap=12.34, ap_plus=None, covers=["WB", "REV", "BIO"], carried=["REV"], decision="x"
     )
     assert text == "stage 3 BIO (+ carried REV) · AP 12.3 · AP+ - (first stage) · covers WB, REV, BIO · x"
+    gated = describe_version(stage=2, domain="NEWS", ap=9.0, ap_plus=453.5, covers=["WB", "NEWS"], max_ap_plus=100)
+    assert "AP+ 453.5 (gate <= 100)" in gated
 
 
 def test_lineage_frame_one_row_per_version_with_dashes_for_the_unknown() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from flows.settings import PipelineSettings, from_env, load_settings
+from loire.promotion import Gates
 
 
 def test_defaults_env_yaml_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -14,6 +15,7 @@ def test_defaults_env_yaml_and_overrides(tmp_path: Path, monkeypatch: pytest.Mon
         monkeypatch.delenv(f"LOIRE_{name.upper()}", raising=False)
     monkeypatch.delenv("LOIRE_SETTINGS", raising=False)
     assert load_settings().strategy == "loire" and load_settings().train_mode == "in-process"
+    assert load_settings().max_ap_plus == Gates().max_ap_plus  # one default for the pipeline and the library
     file = tmp_path / "pipeline.yaml"
     file.write_text("schedule: gpt-micro\nmax_ap_plus: 10\n")
     monkeypatch.setenv("LOIRE_SETTINGS", str(file))
