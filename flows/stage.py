@@ -55,7 +55,7 @@ from flows.settings import PipelineSettings, load_settings, resolve_schedule
 from flows.train import train_stage
 from loire.arrivals import lineage_frame
 from loire.base import check_base, import_base, weights_sha256
-from loire.data import load_corpus
+from loire.data import CorpusError, load_corpus
 from loire.lifelong import STAGE_FILE, plan_stage, read_stage, stage_spec
 from loire.metrics import ppl_frame
 from loire.planner import probes_frame
@@ -174,10 +174,23 @@ def fetch_carried(settings: PipelineSettings, carried: list[dict[str, Any]]) -> 
     }
 
 
+def landed_error(exc: CorpusError, corpus_dir: str, batch_uri: str) -> CorpusError:
+    """`exc` naming the landed object (batch URI + the file's path in the batch) instead of the local cache copy."""
+    try:
+        rel = Path(exc.path).resolve().relative_to(Path(corpus_dir).resolve())
+    except ValueError:  # not a file of the fetched batch: keep what the library named
+        return exc
+    return CorpusError(f"{batch_uri.rstrip('/')}/{rel.as_posix()}", exc.reason, exc.line, unit=exc.unit)
+
+
 @task(name="validate-corpus")
 def validate_corpus(corpus_dir: str, batch_uri: str) -> dict[str, int]:
-    """Load the corpus once before any training: a `CorpusError` names the file and line and fails the stage."""
-    corpus = load_corpus(corpus_dir)
+    """Load the corpus once before any training: a `CorpusError` names the landed file (and line) and fails the
+    stage (a corrupt or truncated `.gz` included)."""
+    try:
+        corpus = load_corpus(corpus_dir)
+    except CorpusError as exc:
+        raise landed_error(exc, corpus_dir, batch_uri) from None
     get_run_logger().info(
         "corpus %s: %d train / %d validation documents from %d file(s)",
         batch_uri,

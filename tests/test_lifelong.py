@@ -96,6 +96,22 @@ def test_bad_corpus_is_one_line_naming_the_file(tmp_path: Path) -> None:
     assert (out / "keep.txt").read_text() == "existing model"
 
 
+def test_truncated_gzip_corpus_is_one_line_saying_so_and_nothing_is_written(tmp_path: Path) -> None:
+    """A `.txt.gz` cut short is a corrupt file, not a short corpus (issue 16, item 6)."""
+    import gzip
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    data = gzip.compress(b"a document of the stream\n\n" * 2000)
+    (bad / "part-0.txt.gz").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train-stage", "--domain", "WB", "--corpus", str(bad), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    (line,) = [text for text in result.output.splitlines() if text.strip()]
+    assert "part-0.txt.gz" in line and "corrupt gzip data: truncated" in line and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # no stage folder, no checkpoints
+
+
 @pytest.mark.integration
 @pytest.mark.skipif(not (CORPORA / "wb").is_dir(), reason=f"real corpora not found under {CORPORA}")
 def test_two_real_stages_wb_then_news(tmp_path: Path) -> None:
