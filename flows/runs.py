@@ -41,6 +41,7 @@ from mlflow.utils.validation import (
 from flows.redact import credentials_to_env, redact
 from flows.retry import RetryPolicy, call_with_retries, is_transient, short
 from loire.downstream.finetune import average_score, scores_frame
+from loire.lifelong import learnt_domains
 from loire.metrics import ppl_frame
 from loire.planner import probes_frame
 
@@ -356,11 +357,19 @@ class RunLog:
     ) -> None:
         """Evaluation, cost and growth metrics of a `stage.json` record, its PPL matrix and an optional plot."""
         self.log_metrics(run_id, stage_metrics(record), step=int(record["stage"]))
-        domains = [entry["domain"] for entry in record.get("lineage", [])]
-        matrix = {"domains": domains, "rows": record.get("ppl_matrix", [])}
+        lineage = record.get("lineage", [])
+        matrix = {
+            "domains": [entry["domain"] for entry in lineage],
+            "carried": [learnt[:-1] for learnt in learnt_domains(lineage)],  # learnt at that stage too
+            "rows": record.get("ppl_matrix", []),
+        }
         self._call("log_dict(ppl_matrix)", self.client.log_dict, run_id, matrix, "eval/ppl_matrix.json")
         if matrix["rows"]:  # the same matrix with AP and AP+ per stage, as a table the MLflow UI compares
-            self._log_table(run_id, ppl_frame(domains, matrix["rows"]).reset_index(), "eval/ppl_table.json")
+            self._log_table(
+                run_id,
+                ppl_frame(matrix["domains"], matrix["rows"], matrix["carried"]).reset_index(),
+                "eval/ppl_table.json",
+            )
         if plot is not None:
             self._call("log_artifact(plot)", self.client.log_artifact, run_id, str(plot), "eval")
         decision = (record.get("growth") or {}).get("decision")

@@ -56,8 +56,7 @@ from flows.train import train_stage
 from loire.arrivals import lineage_frame
 from loire.base import check_base, import_base, weights_sha256
 from loire.data import CorpusError, load_corpus
-from loire.lifelong import STAGE_FILE, plan_stage, read_stage, stage_spec
-from loire.metrics import ppl_frame
+from loire.lifelong import STAGE_FILE, plan_stage, read_stage, seen_corpora, stage_ppl_frame, stage_spec
 from loire.planner import probes_frame
 from loire.promotion import Gates
 from loire.schedule import Schedule
@@ -138,11 +137,10 @@ def fetch_earlier(settings: PipelineSettings, parent_dir: str | None) -> dict[st
     if parent_dir is None:
         return {}
     cache = Path(settings.work_dir) / "corpora"
-    out: dict[str, str] = {}
-    for entry in read_stage(parent_dir)["lineage"]:
-        uri = entry["corpus_uri"]
-        out[entry["domain"]] = str(fetch_uri(uri, cache / "by-uri", max_object_bytes=settings.max_object_bytes))
-    return out
+    return {  # carried domains included: seen from the stage that carried them (loire.lifelong.seen_corpora)
+        domain: str(fetch_uri(uri, cache / "by-uri", max_object_bytes=settings.max_object_bytes))
+        for domain, uri in seen_corpora(read_stage(parent_dir)["lineage"]).items()
+    }
 
 
 @task(name="owed-arrivals", **MLFLOW_TASK)
@@ -332,7 +330,7 @@ def _plot(out_dir: str) -> str | None:
     from loire.lifelong import plot_ppl
 
     record = read_stage(out_dir)
-    domains = [e["domain"] for e in record["lineage"]]
+    domains = list(seen_corpora(record["lineage"]))
     stages = [{"stage": i + 1, "ppl": row} for i, row in enumerate(record["ppl_matrix"])]
     path = Path(out_dir).parent / f"{Path(out_dir).name}.ppl.png"
     try:
@@ -350,8 +348,8 @@ def ppl_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     has none ("—": Prefect renders cells as markdown, where a lone "-" is an empty list). Every row
     carries every key: Prefect takes a table's columns from its first row.
     """
-    domains = [e["domain"] for e in record["lineage"]]
-    frame = ppl_frame(domains, record["ppl_matrix"])
+    frame = stage_ppl_frame(record)
+    domains = [c for c in frame.columns if c not in ("domain", "AP", "AP+")]
     rows = []
     for stage, values in frame.iterrows():
         out: dict[str, Any] = {"stage": int(stage), "domain": values["domain"]}  # plain types: JSON for Prefect
@@ -544,6 +542,7 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
                 nproc=cfg.nproc,
                 fsdp=cfg.fsdp,
                 extra_corpora=carried,
+                extra_sources={c["domain"]: c["corpus_uri"] for c in owed["carry"]},
                 mlflow_run_id=run_id,
                 tracking_uri=cfg.resolved_tracking_uri(),
             ),
@@ -552,8 +551,7 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
         log_stage(cfg, run_id, str(out_dir), plot)
 
         record = read_stage(out_dir)
-        domains = [e["domain"] for e in record["lineage"]]
-        names = _seen_task_names(cfg, domains)
+        names = _seen_task_names(cfg, list(seen_corpora(record["lineage"])))
         downstream = (
             downstream_eval(
                 str(out_dir),
