@@ -40,7 +40,7 @@ import loire
 from flows.retry import RetryPolicy, is_transient, short
 from flows.runs import RunLog, _error_code, _literal, _tag, arrival_key
 from loire.io import MODEL_INIT_LOCK, load_model, publish_dir
-from loire.lifelong import STAGE_FILE, read_stage
+from loire.lifelong import STAGE_FILE, learnt_domains, read_stage
 from loire.promotion import UNCHECKED, Decision, Gates, common_averages, decide
 from loire.tokenizer import load_tokenizer
 
@@ -301,7 +301,7 @@ class Tracker(RunLog):
             "loire.covers": ",".join(
                 dict.fromkeys(
                     [
-                        *(str(e["domain"]) for e in (record.get("lineage") or [])[:-1]),
+                        *(str(d) for learnt in learnt_domains((record.get("lineage") or [])[:-1]) for d in learnt),
                         *(str(c["domain"]) for c in record.get("carried") or []),
                         str(record["domain"]),
                     ]
