@@ -91,6 +91,17 @@ def version_tags(stage_plan: dict[str, Any]) -> dict[str, str]:
     }
 
 
+RETRY_OF_TAG = "loire.retry_of"
+SEED_TAG = "loire.seed"
+
+
+def retry_tags(retry: dict[str, Any] | None) -> dict[str, str]:
+    """Tags of a retried stage's version (policy `retry`): the rejected version it re-ran and its schedule seed."""
+    if not retry:
+        return {}
+    return {RETRY_OF_TAG: str(retry["of_version"]), SEED_TAG: str(retry["seed"])}
+
+
 def description(
     record: dict[str, Any], stage_plan: dict[str, Any], decision: str, max_ap_plus: float | None = None
 ) -> str:

@@ -93,11 +93,13 @@ class PipelineSettings(BaseSettings):
     downstream_tolerance: float = Field(
         0.02, ge=0, description="Promotion gate: downstream average may fall this much below the champion's."
     )
-    rejected_policy: Literal["carry", "skip"] = Field(
+    rejected_policy: Literal["carry", "retry", "skip"] = Field(
         "carry",
         description="What happens to the data of an arrival whose stage was not promoted: carry (it stays pending; "
         "the next stage trains on its own arrival and every pending one, so the champion covers every arrived "
-        "domain) or skip (dropped, the old behaviour; logged loudly and listed in loire.pending). See loire.arrivals.",
+        "domain), retry (the stage is re-run once from the same champion with another seed, registered as a second "
+        "version tagged loire.attempt=2; if that is rejected too, the arrival is carried as under carry) or skip "
+        "(dropped, the old behaviour; logged loudly and listed in loire.pending). See loire.arrivals.",
     )
     mlflow_ui_url: str | None = Field(
         None,

@@ -53,7 +53,7 @@ from flows.registry import Tracker
 from flows.retry import RetryPolicy, retry_condition
 from flows.settings import PipelineSettings, load_settings, resolve_schedule
 from flows.train import train_stage
-from loire.arrivals import lineage_frame
+from loire.arrivals import lineage_frame, retry_seed, should_retry
 from loire.base import check_base, import_base, weights_sha256
 from loire.data import CorpusError, load_corpus
 from loire.lifelong import STAGE_FILE, plan_stage, read_stage, seen_corpora, stage_ppl_frame, stage_spec
@@ -200,7 +200,13 @@ def validate_corpus(corpus_dir: str, batch_uri: str) -> dict[str, int]:
 
 
 @task(name="start-mlflow-run", **MLFLOW_TASK)
-def start_run(settings: PipelineSettings, arr: Arrival, stage: int, parent_version: str | None) -> str:
+def start_run(
+    settings: PipelineSettings,
+    arr: Arrival,
+    stage: int,
+    parent_version: str | None,
+    retry: dict[str, Any] | None = None,
+) -> str:
     params = {
         "stage": stage,
         "domain": arr.domain,
@@ -213,6 +219,7 @@ def start_run(settings: PipelineSettings, arr: Arrival, stage: int, parent_versi
         "gates.max_ap_plus": settings.max_ap_plus,
         "gates.downstream_tolerance": settings.downstream_tolerance,
         "arrival.key": arr.key,
+        **({"retry": retry} if retry else {}),  # attempt, seed and the rejected version it re-runs
     }
     return _tracker(settings).start_stage_run(
         stage=stage,
@@ -221,6 +228,7 @@ def start_run(settings: PipelineSettings, arr: Arrival, stage: int, parent_versi
         params=params,
         corpus_uri=arr.batch_uri,
         corpus_etag=arr.etag,
+        attempt=retry["attempt"] if retry else 1,
     )
 
 
@@ -251,7 +259,12 @@ def log_stage(settings: PipelineSettings, run_id: str, out_dir: str, plot: str |
 
 @task(name="register-model", **MLFLOW_TASK)
 def register(
-    settings: PipelineSettings, run_id: str, out_dir: str, parent_version: str | None, owed: dict[str, Any]
+    settings: PipelineSettings,
+    run_id: str,
+    out_dir: str,
+    parent_version: str | None,
+    owed: dict[str, Any],
+    retry: dict[str, Any] | None = None,
 ) -> str:
     record = read_stage(out_dir)
     return str(
@@ -260,8 +273,9 @@ def register(
             run_id,
             Path(out_dir),
             parent_version=parent_version,
-            extra_tags=carry.version_tags(owed),
+            extra_tags={**carry.version_tags(owed), **carry.retry_tags(retry)},
             description=carry.description(record, owed, "promotion pending", settings.max_ap_plus),
+            attempt=retry["attempt"] if retry else 1,
         )
         .version
     )
@@ -295,11 +309,16 @@ def _tracker(settings: PipelineSettings) -> Tracker:
     )
 
 
-def _stage_dir(settings: PipelineSettings, arr: Arrival, parent_version: str | None) -> Path:
+def _stage_dir(
+    settings: PipelineSettings, arr: Arrival, parent_version: str | None, retry: dict[str, Any] | None = None
+) -> Path:
     """Keyed by the arrival and the parent version, so a retried flow run finds its checkpoints and resumes,
-    and never resumes checkpoints of a model grown from another parent."""
+    and never resumes checkpoints of a model grown from another parent; a stage's retry (policy `retry`) has its own."""
     parent = "root" if parent_version is None else f"v{_safe(str(parent_version))}"
-    return Path(settings.work_dir) / "stages" / f"{arr.domain}-{_safe(arr.batch)}-{_safe(arr.etag)}-from-{parent}"
+    again = f"-retry{retry['attempt'] - 1}" if retry else ""
+    return (
+        Path(settings.work_dir) / "stages" / f"{arr.domain}-{_safe(arr.batch)}-{_safe(arr.etag)}-from-{parent}{again}"
+    )
 
 
 def _seen_task_names(settings: PipelineSettings, domains: list[str]) -> list[str]:
@@ -373,15 +392,17 @@ def _end_run(settings: PipelineSettings, run_id: str, *, failed: bool) -> None:
         get_run_logger().warning("could not close MLflow run %s: %s", run_id, exc)
 
 
-def _decision_line(settings: PipelineSettings, decision: dict[str, Any]) -> str:
+def _decision_line(settings: PipelineSettings, decision: dict[str, Any], retry: dict[str, Any] | None = None) -> str:
+    """The decision in words; `retry`: the retry about to run after this rejection (policy `retry`)."""
     if decision["promoted"]:
         return "promoted to champion"
     failed = "; ".join(r.removeprefix("fail: ") for r in decision["reasons"] if r.startswith("fail")) or "rejected"
-    after = (
-        "its data stays owed (carried by the next stage)"
-        if settings.rejected_policy == "carry"
-        else "its data is dropped (policy skip)"
-    )
+    if retry is not None:
+        after = f"re-running the stage once with seed {retry['seed']} (policy retry)"
+    elif settings.rejected_policy == "skip":
+        after = "its data is dropped (policy skip)"
+    else:
+        after = "its data stays owed (carried by the next stage)"
     return f"not promoted ({failed}); {after}"
 
 
@@ -415,6 +436,7 @@ def _publish(
     downstream: list[dict[str, Any]],
     plot: str | None,
     owed: dict[str, Any] | None = None,
+    retry: dict[str, Any] | None = None,
 ) -> None:
     owed = owed or {"covers": [], "pending": [], "carry": [], "policy": settings.rejected_policy}
     create_table_artifact(
@@ -432,7 +454,8 @@ def _publish(
     chain = _tracker(settings).lineage(version)
     model_link, run_link = _mlflow_links(settings, version, run_id)
     lines = [
-        f"# Stage {record['stage']} ({record['domain']}): `{settings.model_name}` version {version}",
+        f"# Stage {record['stage']} ({record['domain']}): `{settings.model_name}` version {version}"
+        + (f" (retry of v{retry['of_version']}, seed {retry['seed']})" if retry else ""),
         "",
         f"- promotion: **{'champion' if decision['promoted'] else 'not promoted'}**"
         + ("" if decision["promoted"] else f" — {'; '.join(decision['reasons'])}"),
@@ -520,10 +543,46 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
     for note in owed["notes"]:
         (logger.warning if owed["dropped"] else logger.info)(note)
     carried = fetch_carried(cfg, owed["carry"])
-    run_id = start_run(cfg, arr, stage, parent["version"])
+    inputs = dict(parent=parent, stage=stage, owed=owed, corpus_dir=corpus_dir, earlier=earlier, carried=carried)
+    result = _attempt(cfg, arr, **inputs)
+    retry = _retry_of(cfg, result)
+    if retry is not None:  # policy retry: the rejected stage once more, same arrival and champion, another seed
+        logger.warning(
+            "version %s not promoted: re-running the stage once with seed %s", result["version"], retry["seed"]
+        )
+        first = result
+        result = _attempt(cfg, arr, **inputs, retry=retry)
+        result["retried"] = {k: first[k] for k in ("version", "reasons", "run_id")}
+    return result
+
+
+def _retry_of(cfg: PipelineSettings, result: dict[str, Any]) -> dict[str, Any] | None:
+    """The retry of a first attempt that was not promoted, under the `retry` policy (None: no retry)."""
+    if not should_retry(cfg.rejected_policy, result["promoted"], 1):
+        return None
+    seed = retry_seed(resolve_schedule(cfg.schedule).seed, 2)
+    return {"attempt": 2, "seed": seed, "of_version": result["version"]}
+
+
+def _attempt(
+    cfg: PipelineSettings,
+    arr: Arrival,
+    *,
+    parent: dict[str, Any],
+    stage: int,
+    owed: dict[str, Any],
+    corpus_dir: str,
+    earlier: dict[str, str],
+    carried: dict[str, str],
+    retry: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One attempt of the stage (`retry`: the re-run of a rejected one): its own MLflow run and stage folder; train,
+    evaluate, register and promote. Long for the same reason as the flow: it is the stage's script."""
+    logger = get_run_logger()
+    run_id = start_run(cfg, arr, stage, parent["version"], retry)
 
     try:
-        out_dir = _stage_dir(cfg, arr, parent["version"])
+        out_dir = _stage_dir(cfg, arr, parent["version"], retry)
         summary = _train(
             cfg,
             dict(
@@ -543,6 +602,7 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
                 fsdp=cfg.fsdp,
                 extra_corpora=carried,
                 extra_sources={c["domain"]: c["corpus_uri"] for c in owed["carry"]},
+                seed=retry["seed"] if retry else None,
                 mlflow_run_id=run_id,
                 tracking_uri=cfg.resolved_tracking_uri(),
             ),
@@ -569,7 +629,7 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
         scores = [r["mean"] for r in downstream if r["ok"]]
         average = sum(scores) / len(scores) if scores else None
 
-        version = register(cfg, run_id, str(out_dir), parent["version"], owed)
+        version = register(cfg, run_id, str(out_dir), parent["version"], owed, retry)
         decision = promote(
             cfg,
             version,
@@ -578,9 +638,9 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
             {r["task"]: r["mean"] for r in downstream if r["ok"]},
             parent["version"],
         )
-        carry.describe(
-            _tracker(cfg), version, carry.description(record, owed, _decision_line(cfg, decision), cfg.max_ap_plus)
-        )
+        next_try = None if retry else _retry_of(cfg, {"promoted": decision["promoted"], "version": version})
+        line = _decision_line(cfg, decision, next_try)
+        carry.describe(_tracker(cfg), version, carry.description(record, owed, line, cfg.max_ap_plus))
         if decision["promoted"]:
             logger.info("version %s is the new champion (was %s)", version, decision["previous"])
         else:
@@ -590,7 +650,7 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
                 "; ".join(decision["reasons"]),
                 decision["previous"],
             )
-        _publish(cfg, record, version, run_id, decision, downstream, plot, owed)
+        _publish(cfg, record, version, run_id, decision, downstream, plot, owed, retry)
     except BaseException:
         _end_run(cfg, run_id, failed=True)
         raise
@@ -610,4 +670,6 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
         "pending": owed["pending"],
         "carried": [c["domain"] for c in owed["carry"]],
         "gates": decision["reasons"],
+        "attempt": retry["attempt"] if retry else 1,
+        "seed": record["schedule"]["seed"],
     }

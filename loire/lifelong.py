@@ -669,6 +669,7 @@ def run_stage(
     eval_init: bool = False,
     extra_corpora: Mapping[str, str] | None = None,
     extra_sources: Mapping[str, str] | None = None,
+    seed: int | None = None,
 ) -> StageResult:
     """Run one lifelong stage and write its folder to `out_dir` (see the module docstring).
 
@@ -683,12 +684,16 @@ def run_stage(
     `carried` lists each with its share of the training blocks and its perplexity after the stage. The lineage
     entry of this stage lists them too (`carried`: domain and `extra_sources[domain]`, default the corpus path),
     so later stages replay, distil on and evaluate them like any earlier domain.
+    `seed` (default: the schedule's) replaces the schedule's seed, as in `run_lifelong`: a retried stage runs with
+    another start noise, data order and replay draws (the record's `schedule.seed` says which).
 
     Long only by its keyword arguments: each step is one helper (`plan_stage`, `_load_data`, `_stage_model`,
     `_earlier_data`, `_mix_carried`, `_teachers`, `_train_stage`, `_evaluate`, `_stage_record`, `_write_stage`).
     """
     started = time.perf_counter()
     out = Path(out_dir)
+    if seed is not None:
+        schedule = dataclasses.replace(schedule_preset(schedule) if isinstance(schedule, str) else schedule, seed=seed)
     plan = plan_stage(schedule, strategy, parent, steps=steps, teachers=teachers)
     if domain in plan.domains:
         logger.info(
