@@ -91,7 +91,20 @@ def version_tags(stage_plan: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def description(record: dict[str, Any], stage_plan: dict[str, Any], decision: str) -> str:
+RETRY_OF_TAG = "loire.retry_of"
+SEED_TAG = "loire.seed"
+
+
+def retry_tags(retry: dict[str, Any] | None) -> dict[str, str]:
+    """Tags of a retried stage's version (policy `retry`): the rejected version it re-ran and its schedule seed."""
+    if not retry:
+        return {}
+    return {RETRY_OF_TAG: str(retry["of_version"]), SEED_TAG: str(retry["seed"])}
+
+
+def description(
+    record: dict[str, Any], stage_plan: dict[str, Any], decision: str, max_ap_plus: float | None = None
+) -> str:
     return describe_version(
         stage=int(record["stage"]),
         domain=str(record["domain"]),
@@ -101,6 +114,7 @@ def description(record: dict[str, Any], stage_plan: dict[str, Any], decision: st
         pending=stage_plan["pending"],
         carried=[c["domain"] for c in stage_plan["carry"]],
         decision=decision,
+        max_ap_plus=max_ap_plus,
     )
 
 

@@ -286,7 +286,10 @@ def _gates_line(cfg: Any) -> str:
         f"gates a stage must pass to become champion: {ap_gate}; downstream average on the tasks the champion "
         f"was scored on >= champion's - {cfg.downstream_tolerance:g}; grown from the current champion. "
         f"A rejected stage's data stays owed: policy {cfg.rejected_policy!r}"
-        + (" (the next stage trains on it too)" if cfg.rejected_policy == "carry" else " (dropped)")
+        + {
+            "carry": " (the next stage trains on it too)",
+            "retry": " (the stage is re-run once with another seed; if rejected again, the next stage trains on it)",
+        }.get(cfg.rejected_policy, " (dropped)")
     )
 
 
@@ -296,6 +299,8 @@ def _stage_line(result: dict[str, Any]) -> str:
     line = f"version {result.get('version')} (stage {result.get('stage')}), AP {result['ap']:.1f}"
     if result.get("carried"):
         line += f", also trained on the owed {', '.join(result['carried'])}"
+    if result.get("retried"):
+        line += f", a retry (seed {result.get('seed')}) of the rejected v{result['retried']['version']}"
     line += ", champion" if result.get("promoted") else ", NOT promoted"
     checked = "; ".join(result.get("reasons") or [])
     return line + (f"\n    gates: {checked}" if checked else "")

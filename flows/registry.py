@@ -38,9 +38,9 @@ from mlflow.exceptions import MlflowException
 
 import loire
 from flows.retry import RetryPolicy, is_transient, short
-from flows.runs import RunLog, _error_code, _literal, _tag, arrival_key
+from flows.runs import ATTEMPT_TAG, RunLog, _error_code, _literal, _tag, arrival_key, attempt_of
 from loire.io import MODEL_INIT_LOCK, load_model, publish_dir
-from loire.lifelong import STAGE_FILE, read_stage
+from loire.lifelong import STAGE_FILE, learnt_domains, read_stage
 from loire.promotion import UNCHECKED, Decision, Gates, common_averages, decide
 from loire.tokenizer import load_tokenizer
 
@@ -125,13 +125,14 @@ class Tracker(RunLog):
     """Runs, metrics, registry and promotion of lifelong stages on one MLflow tracking server."""
 
     # --------------------------------------------------------------------------- registry
-    def find_arrival(self, corpus_uri: str, etag: str) -> ModelVersion | None:
-        """The complete registered version of this corpus arrival (the oldest when there are several).
+    def find_arrival(self, corpus_uri: str, etag: str, attempt: int = 1) -> ModelVersion | None:
+        """The complete registered version of this corpus arrival's `attempt` (1: the first stage of the arrival,
+        2: its retry under the `retry` policy); the oldest when there are several.
 
         Complete: READY, and tagged `loire.artifacts=complete` by `register_stage` or, for a version
         without the tag (registered by an older release, or interrupted just before tagging), holding
         every artifact. A version left behind by an interrupted registration does not count."""
-        for version in self._arrival_versions(corpus_uri, etag):
+        for version in self._arrival_versions(corpus_uri, etag, attempt):
             if version.status == "READY" and self._is_complete(version):
                 return version
         return None
@@ -140,8 +141,8 @@ class Tracker(RunLog):
         """Whether the stage of `version` reached its promotion decision (promoted or rejected)."""
         return bool(version.tags.get(PROMOTION_TAG)) or CHAMPION in (version.aliases or [])
 
-    def _arrival_versions(self, corpus_uri: str, etag: str) -> list[ModelVersion]:
-        """Every version tagged with this arrival, oldest first, whatever its state."""
+    def _arrival_versions(self, corpus_uri: str, etag: str, attempt: int = 1) -> list[ModelVersion]:
+        """Every version of this arrival's `attempt`, oldest first, whatever its state."""
         query = (
             f"name = {_literal(self.model_name)} AND tags.`loire.arrival` = {_literal(arrival_key(corpus_uri, etag))}"
         )
@@ -149,7 +150,9 @@ class Tracker(RunLog):
         same = [
             v
             for v in found
-            if v.tags.get("loire.corpus_uri") == _tag(corpus_uri) and v.tags.get("loire.corpus_etag") == _tag(etag)
+            if v.tags.get("loire.corpus_uri") == _tag(corpus_uri)
+            and v.tags.get("loire.corpus_etag") == _tag(etag)
+            and attempt_of(v.tags) == attempt
         ]
         return sorted(same, key=lambda v: int(v.version))
 
@@ -168,9 +171,9 @@ class Tracker(RunLog):
             return False
         return True
 
-    def _drop_incomplete(self, corpus_uri: str, etag: str) -> None:
-        """Delete the versions of this arrival that are not complete: what interrupted registrations left."""
-        for version in self._arrival_versions(corpus_uri, etag):
+    def _drop_incomplete(self, corpus_uri: str, etag: str, attempt: int = 1) -> None:
+        """Delete the versions of this arrival's attempt that are not complete: what interrupted registrations left."""
+        for version in self._arrival_versions(corpus_uri, etag, attempt):
             if version.status == "READY" and self._is_complete(version):
                 continue
             logger.warning(
@@ -197,14 +200,16 @@ class Tracker(RunLog):
         parent_version: str | None,
         extra_tags: Mapping[str, str] | None = None,
         description: str | None = None,
+        attempt: int = 1,
     ) -> ModelVersion:
         """Log the stage folder as a transformers model (+ tokenizer + stage.json) and register it as a new
         version of `model_name` with alias `candidate`; an arrival already registered returns its version.
-        `extra_tags` (e.g. the pipeline's `loire.covers` / `loire.pending`) override the default tags."""
+        `extra_tags` (e.g. the pipeline's `loire.covers` / `loire.pending`) override the default tags. `attempt` 2
+        registers the retry of an arrival's stage (tag `loire.attempt`) beside its first version."""
         record = read_stage(stage_dir)
         run = self._call("get_run", self.client.get_run, run_id)
         corpus_uri, etag = _arrival_of(run, record)
-        existing = self.find_arrival(corpus_uri, etag)
+        existing = self.find_arrival(corpus_uri, etag, attempt)
         if existing is not None:
             logger.info(
                 "arrival %s (%s) is already version %s: not registering again", corpus_uri, etag, existing.version
@@ -213,9 +218,11 @@ class Tracker(RunLog):
             return existing
         if parent_version is not None:
             self._version(parent_version)  # fail before uploading anything when the parent is unknown
-        self._drop_incomplete(corpus_uri, etag)
+        self._drop_incomplete(corpus_uri, etag, attempt)
         model_id = self._log_stage_model(run, Path(stage_dir), record)
         tags = {**self._version_tags(record, corpus_uri, etag, parent_version), **(extra_tags or {})}
+        if attempt > 1:
+            tags[ATTEMPT_TAG] = str(attempt)
         # A database registry store resolves `models:/<id>` through MLflow's process-wide tracking URI.
         with _global_tracking_uri(self.tracking_uri):
             version = self._call(
@@ -237,7 +244,7 @@ class Tracker(RunLog):
             self._delete_version(ready.version)
             raise
         self._set_tag(ready.version, ARTIFACTS_TAG, "complete")  # from here on the arrival counts as registered
-        version = self._keep_first_of_arrival(self._version(ready.version), corpus_uri, etag)
+        version = self._keep_first_of_arrival(self._version(ready.version), corpus_uri, etag, attempt)
         self._point_candidate(version.version)
         logger.info("stage %s registered as %s version %s", record["stage"], self.model_name, version.version)
         return version
@@ -301,7 +308,7 @@ class Tracker(RunLog):
             "loire.covers": ",".join(
                 dict.fromkeys(
                     [
-                        *(str(e["domain"]) for e in (record.get("lineage") or [])[:-1]),
+                        *(str(d) for learnt in learnt_domains((record.get("lineage") or [])[:-1]) for d in learnt),
                         *(str(c["domain"]) for c in record.get("carried") or []),
                         str(record["domain"]),
                     ]
@@ -414,9 +421,11 @@ class Tracker(RunLog):
                 raise TimeoutError(f"{self.model_name} v{version}: not READY after {self.ready_timeout_s} s")
             time.sleep(1.0)
 
-    def _keep_first_of_arrival(self, version: ModelVersion, corpus_uri: str, etag: str) -> ModelVersion:
-        """Two concurrent registrations of one arrival: the lowest version wins, the other is deleted."""
-        first = self.find_arrival(corpus_uri, etag)
+    def _keep_first_of_arrival(
+        self, version: ModelVersion, corpus_uri: str, etag: str, attempt: int = 1
+    ) -> ModelVersion:
+        """Two concurrent registrations of one arrival's attempt: the lowest version wins, the other is deleted."""
+        first = self.find_arrival(corpus_uri, etag, attempt)
         if first is None or first.version == version.version:
             return version
         logger.warning(

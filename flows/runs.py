@@ -41,6 +41,7 @@ from mlflow.utils.validation import (
 from flows.redact import credentials_to_env, redact
 from flows.retry import RetryPolicy, call_with_retries, is_transient, short
 from loire.downstream.finetune import average_score, scores_frame
+from loire.lifelong import learnt_domains
 from loire.metrics import ppl_frame
 from loire.planner import probes_frame
 
@@ -213,6 +214,17 @@ def own_mlflow_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(MLFLOW_REQUEST_TIMEOUT_S))
 
 
+# On the version (and run) of a stage's retry (policy `retry`): "2". Absent: the first attempt. Each attempt of an
+# arrival is registered at most once; the first attempt's version stands for the arrival (exactly once).
+ATTEMPT_TAG = "loire.attempt"
+
+
+def attempt_of(tags: Mapping[str, str]) -> int:
+    """Which attempt of its arrival a version or run is (`ATTEMPT_TAG`; 1 without it)."""
+    value = tags.get(ATTEMPT_TAG, "1")
+    return int(value) if value.isdigit() else 1
+
+
 class RunLog:
     """Runs and metrics of lifelong stages on one MLflow tracking server (`flows.registry.Tracker` adds the
     registry)."""
@@ -278,8 +290,10 @@ class RunLog:
         params: dict[str, Any],
         corpus_uri: str,
         corpus_etag: str,
+        attempt: int = 1,
     ) -> str:
-        """Create (or, for a retried Prefect flow run, reuse) the run of one stage; returns its id."""
+        """Create (or, for a retried Prefect flow run, reuse) the run of one stage; returns its id. `attempt` 2 is
+        the stage's retry (policy `retry`): its own run, tagged `loire.attempt`."""
         tags = {
             "prefect.flow_run_id": flow_run_id or "none",
             "loire.stage": str(stage),
@@ -287,6 +301,7 @@ class RunLog:
             "loire.corpus_uri": _tag(corpus_uri),
             "loire.corpus_etag": _tag(corpus_etag),
             "loire.arrival": arrival_key(corpus_uri, corpus_etag),
+            **({ATTEMPT_TAG: str(attempt)} if attempt > 1 else {}),
         }
         run_id = self._existing_run(tags) if flow_run_id else None
         if run_id is None:
@@ -294,7 +309,7 @@ class RunLog:
                 "create_run",
                 self.client.create_run,
                 self.experiment_id(),
-                run_name=f"stage-{stage}-{domain}",
+                run_name=f"stage-{stage}-{domain}" + (f"-retry{attempt - 1}" if attempt > 1 else ""),
                 tags=tags,
             )
             run_id = run.info.run_id
@@ -308,8 +323,9 @@ class RunLog:
         if any("'" in tags[k] for k in keys):
             return None
         query = " AND ".join(f"tags.`{k}` = {_literal(tags[k])}" for k in keys)
-        runs = self._call("search_runs", self.client.search_runs, [self.experiment_id()], query, max_results=1)
-        return runs[0].info.run_id if runs else None
+        runs = self._call("search_runs", self.client.search_runs, [self.experiment_id()], query, max_results=10)
+        attempt = attempt_of(tags)  # the first attempt's run has no attempt tag: tell the runs apart here
+        return next((r.info.run_id for r in runs if attempt_of(r.data.tags) == attempt), None)
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Log (nested) params, flattened with dotted names; values truncated to MLflow's limit."""
@@ -356,11 +372,19 @@ class RunLog:
     ) -> None:
         """Evaluation, cost and growth metrics of a `stage.json` record, its PPL matrix and an optional plot."""
         self.log_metrics(run_id, stage_metrics(record), step=int(record["stage"]))
-        domains = [entry["domain"] for entry in record.get("lineage", [])]
-        matrix = {"domains": domains, "rows": record.get("ppl_matrix", [])}
+        lineage = record.get("lineage", [])
+        matrix = {
+            "domains": [entry["domain"] for entry in lineage],
+            "carried": [learnt[:-1] for learnt in learnt_domains(lineage)],  # learnt at that stage too
+            "rows": record.get("ppl_matrix", []),
+        }
         self._call("log_dict(ppl_matrix)", self.client.log_dict, run_id, matrix, "eval/ppl_matrix.json")
         if matrix["rows"]:  # the same matrix with AP and AP+ per stage, as a table the MLflow UI compares
-            self._log_table(run_id, ppl_frame(domains, matrix["rows"]).reset_index(), "eval/ppl_table.json")
+            self._log_table(
+                run_id,
+                ppl_frame(matrix["domains"], matrix["rows"], matrix["carried"]).reset_index(),
+                "eval/ppl_table.json",
+            )
         if plot is not None:
             self._call("log_artifact(plot)", self.client.log_artifact, run_id, str(plot), "eval")
         decision = (record.get("growth") or {}).get("decision")

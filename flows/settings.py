@@ -23,6 +23,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from flows.redact import credentials_to_env, redact
+from loire.promotion import DEFAULT_MAX_AP_PLUS
 
 ENV_PREFIX = "LOIRE_"
 SETTINGS_FILE_ENV = ENV_PREFIX + "SETTINGS"
@@ -82,21 +83,23 @@ class PipelineSettings(BaseSettings):
     )
     fsdp: bool = Field(False, description="Under torchrun: shard the model with FSDP instead of DDP (LOIRE_FSDP).")
     max_ap_plus: float | None = Field(
-        100.0,
+        DEFAULT_MAX_AP_PLUS,
         description="Promotion gate: AP+ (mean rise of the earlier domains' perplexity since each was learnt) at or "
         "below this (None: no AP+ gate). In perplexity points, so it depends on the model size. At the CPU presets "
         "(bench/results/lifelong.md, gpt-tiny) the default strategy `loire` (replay + distillation) keeps AP+ below 0, "
-        "LOIRE without replay shows 157-454 and fine-tuning a fixed model 287-1284: 100 rejects real forgetting "
-        "there. Use a few points for base-sized models.",
+        "LOIRE without replay shows 157-454 and fine-tuning a fixed model 287-1284: 100 (loire.promotion's default "
+        "too) rejects real forgetting there. Use a few points for base-sized models.",
     )
     downstream_tolerance: float = Field(
         0.02, ge=0, description="Promotion gate: downstream average may fall this much below the champion's."
     )
-    rejected_policy: Literal["carry", "skip"] = Field(
+    rejected_policy: Literal["carry", "retry", "skip"] = Field(
         "carry",
         description="What happens to the data of an arrival whose stage was not promoted: carry (it stays pending; "
         "the next stage trains on its own arrival and every pending one, so the champion covers every arrived "
-        "domain) or skip (dropped, the old behaviour; logged loudly and listed in loire.pending). See loire.arrivals.",
+        "domain), retry (the stage is re-run once from the same champion with another seed, registered as a second "
+        "version tagged loire.attempt=2; if that is rejected too, the arrival is carried as under carry) or skip "
+        "(dropped, the old behaviour; logged loudly and listed in loire.pending). See loire.arrivals.",
     )
     mlflow_ui_url: str | None = Field(
         None,

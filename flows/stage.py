@@ -53,11 +53,10 @@ from flows.registry import Tracker
 from flows.retry import RetryPolicy, retry_condition
 from flows.settings import PipelineSettings, load_settings, resolve_schedule
 from flows.train import train_stage
-from loire.arrivals import lineage_frame
+from loire.arrivals import lineage_frame, retry_seed, should_retry
 from loire.base import check_base, import_base, weights_sha256
-from loire.data import load_corpus
-from loire.lifelong import STAGE_FILE, plan_stage, read_stage, stage_spec
-from loire.metrics import ppl_frame
+from loire.data import CorpusError, load_corpus
+from loire.lifelong import STAGE_FILE, plan_stage, read_stage, seen_corpora, stage_ppl_frame, stage_spec
 from loire.planner import probes_frame
 from loire.promotion import Gates
 from loire.schedule import Schedule
@@ -138,11 +137,10 @@ def fetch_earlier(settings: PipelineSettings, parent_dir: str | None) -> dict[st
     if parent_dir is None:
         return {}
     cache = Path(settings.work_dir) / "corpora"
-    out: dict[str, str] = {}
-    for entry in read_stage(parent_dir)["lineage"]:
-        uri = entry["corpus_uri"]
-        out[entry["domain"]] = str(fetch_uri(uri, cache / "by-uri", max_object_bytes=settings.max_object_bytes))
-    return out
+    return {  # carried domains included: seen from the stage that carried them (loire.lifelong.seen_corpora)
+        domain: str(fetch_uri(uri, cache / "by-uri", max_object_bytes=settings.max_object_bytes))
+        for domain, uri in seen_corpora(read_stage(parent_dir)["lineage"]).items()
+    }
 
 
 @task(name="owed-arrivals", **MLFLOW_TASK)
@@ -174,10 +172,23 @@ def fetch_carried(settings: PipelineSettings, carried: list[dict[str, Any]]) -> 
     }
 
 
+def landed_error(exc: CorpusError, corpus_dir: str, batch_uri: str) -> CorpusError:
+    """`exc` naming the landed object (batch URI + the file's path in the batch) instead of the local cache copy."""
+    try:
+        rel = Path(exc.path).resolve().relative_to(Path(corpus_dir).resolve())
+    except ValueError:  # not a file of the fetched batch: keep what the library named
+        return exc
+    return CorpusError(f"{batch_uri.rstrip('/')}/{rel.as_posix()}", exc.reason, exc.line, unit=exc.unit)
+
+
 @task(name="validate-corpus")
 def validate_corpus(corpus_dir: str, batch_uri: str) -> dict[str, int]:
-    """Load the corpus once before any training: a `CorpusError` names the file and line and fails the stage."""
-    corpus = load_corpus(corpus_dir)
+    """Load the corpus once before any training: a `CorpusError` names the landed file (and line) and fails the
+    stage (a corrupt or truncated `.gz` included)."""
+    try:
+        corpus = load_corpus(corpus_dir)
+    except CorpusError as exc:
+        raise landed_error(exc, corpus_dir, batch_uri) from None
     get_run_logger().info(
         "corpus %s: %d train / %d validation documents from %d file(s)",
         batch_uri,
@@ -189,7 +200,13 @@ def validate_corpus(corpus_dir: str, batch_uri: str) -> dict[str, int]:
 
 
 @task(name="start-mlflow-run", **MLFLOW_TASK)
-def start_run(settings: PipelineSettings, arr: Arrival, stage: int, parent_version: str | None) -> str:
+def start_run(
+    settings: PipelineSettings,
+    arr: Arrival,
+    stage: int,
+    parent_version: str | None,
+    retry: dict[str, Any] | None = None,
+) -> str:
     params = {
         "stage": stage,
         "domain": arr.domain,
@@ -202,6 +219,7 @@ def start_run(settings: PipelineSettings, arr: Arrival, stage: int, parent_versi
         "gates.max_ap_plus": settings.max_ap_plus,
         "gates.downstream_tolerance": settings.downstream_tolerance,
         "arrival.key": arr.key,
+        **({"retry": retry} if retry else {}),  # attempt, seed and the rejected version it re-runs
     }
     return _tracker(settings).start_stage_run(
         stage=stage,
@@ -210,6 +228,7 @@ def start_run(settings: PipelineSettings, arr: Arrival, stage: int, parent_versi
         params=params,
         corpus_uri=arr.batch_uri,
         corpus_etag=arr.etag,
+        attempt=retry["attempt"] if retry else 1,
     )
 
 
@@ -240,7 +259,12 @@ def log_stage(settings: PipelineSettings, run_id: str, out_dir: str, plot: str |
 
 @task(name="register-model", **MLFLOW_TASK)
 def register(
-    settings: PipelineSettings, run_id: str, out_dir: str, parent_version: str | None, owed: dict[str, Any]
+    settings: PipelineSettings,
+    run_id: str,
+    out_dir: str,
+    parent_version: str | None,
+    owed: dict[str, Any],
+    retry: dict[str, Any] | None = None,
 ) -> str:
     record = read_stage(out_dir)
     return str(
@@ -249,8 +273,9 @@ def register(
             run_id,
             Path(out_dir),
             parent_version=parent_version,
-            extra_tags=carry.version_tags(owed),
-            description=carry.description(record, owed, "promotion pending"),
+            extra_tags={**carry.version_tags(owed), **carry.retry_tags(retry)},
+            description=carry.description(record, owed, "promotion pending", settings.max_ap_plus),
+            attempt=retry["attempt"] if retry else 1,
         )
         .version
     )
@@ -284,11 +309,16 @@ def _tracker(settings: PipelineSettings) -> Tracker:
     )
 
 
-def _stage_dir(settings: PipelineSettings, arr: Arrival, parent_version: str | None) -> Path:
+def _stage_dir(
+    settings: PipelineSettings, arr: Arrival, parent_version: str | None, retry: dict[str, Any] | None = None
+) -> Path:
     """Keyed by the arrival and the parent version, so a retried flow run finds its checkpoints and resumes,
-    and never resumes checkpoints of a model grown from another parent."""
+    and never resumes checkpoints of a model grown from another parent; a stage's retry (policy `retry`) has its own."""
     parent = "root" if parent_version is None else f"v{_safe(str(parent_version))}"
-    return Path(settings.work_dir) / "stages" / f"{arr.domain}-{_safe(arr.batch)}-{_safe(arr.etag)}-from-{parent}"
+    again = f"-retry{retry['attempt'] - 1}" if retry else ""
+    return (
+        Path(settings.work_dir) / "stages" / f"{arr.domain}-{_safe(arr.batch)}-{_safe(arr.etag)}-from-{parent}{again}"
+    )
 
 
 def _seen_task_names(settings: PipelineSettings, domains: list[str]) -> list[str]:
@@ -319,7 +349,7 @@ def _plot(out_dir: str) -> str | None:
     from loire.lifelong import plot_ppl
 
     record = read_stage(out_dir)
-    domains = [e["domain"] for e in record["lineage"]]
+    domains = list(seen_corpora(record["lineage"]))
     stages = [{"stage": i + 1, "ppl": row} for i, row in enumerate(record["ppl_matrix"])]
     path = Path(out_dir).parent / f"{Path(out_dir).name}.ppl.png"
     try:
@@ -337,8 +367,8 @@ def ppl_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     has none ("—": Prefect renders cells as markdown, where a lone "-" is an empty list). Every row
     carries every key: Prefect takes a table's columns from its first row.
     """
-    domains = [e["domain"] for e in record["lineage"]]
-    frame = ppl_frame(domains, record["ppl_matrix"])
+    frame = stage_ppl_frame(record)
+    domains = [c for c in frame.columns if c not in ("domain", "AP", "AP+")]
     rows = []
     for stage, values in frame.iterrows():
         out: dict[str, Any] = {"stage": int(stage), "domain": values["domain"]}  # plain types: JSON for Prefect
@@ -362,15 +392,17 @@ def _end_run(settings: PipelineSettings, run_id: str, *, failed: bool) -> None:
         get_run_logger().warning("could not close MLflow run %s: %s", run_id, exc)
 
 
-def _decision_line(settings: PipelineSettings, decision: dict[str, Any]) -> str:
+def _decision_line(settings: PipelineSettings, decision: dict[str, Any], retry: dict[str, Any] | None = None) -> str:
+    """The decision in words; `retry`: the retry about to run after this rejection (policy `retry`)."""
     if decision["promoted"]:
         return "promoted to champion"
     failed = "; ".join(r.removeprefix("fail: ") for r in decision["reasons"] if r.startswith("fail")) or "rejected"
-    after = (
-        "its data stays owed (carried by the next stage)"
-        if settings.rejected_policy == "carry"
-        else "its data is dropped (policy skip)"
-    )
+    if retry is not None:
+        after = f"re-running the stage once with seed {retry['seed']} (policy retry)"
+    elif settings.rejected_policy == "skip":
+        after = "its data is dropped (policy skip)"
+    else:
+        after = "its data stays owed (carried by the next stage)"
     return f"not promoted ({failed}); {after}"
 
 
@@ -404,6 +436,7 @@ def _publish(
     downstream: list[dict[str, Any]],
     plot: str | None,
     owed: dict[str, Any] | None = None,
+    retry: dict[str, Any] | None = None,
 ) -> None:
     owed = owed or {"covers": [], "pending": [], "carry": [], "policy": settings.rejected_policy}
     create_table_artifact(
@@ -421,7 +454,8 @@ def _publish(
     chain = _tracker(settings).lineage(version)
     model_link, run_link = _mlflow_links(settings, version, run_id)
     lines = [
-        f"# Stage {record['stage']} ({record['domain']}): `{settings.model_name}` version {version}",
+        f"# Stage {record['stage']} ({record['domain']}): `{settings.model_name}` version {version}"
+        + (f" (retry of v{retry['of_version']}, seed {retry['seed']})" if retry else ""),
         "",
         f"- promotion: **{'champion' if decision['promoted'] else 'not promoted'}**"
         + ("" if decision["promoted"] else f" — {'; '.join(decision['reasons'])}"),
@@ -509,10 +543,46 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
     for note in owed["notes"]:
         (logger.warning if owed["dropped"] else logger.info)(note)
     carried = fetch_carried(cfg, owed["carry"])
-    run_id = start_run(cfg, arr, stage, parent["version"])
+    inputs = dict(parent=parent, stage=stage, owed=owed, corpus_dir=corpus_dir, earlier=earlier, carried=carried)
+    result = _attempt(cfg, arr, **inputs)
+    retry = _retry_of(cfg, result)
+    if retry is not None:  # policy retry: the rejected stage once more, same arrival and champion, another seed
+        logger.warning(
+            "version %s not promoted: re-running the stage once with seed %s", result["version"], retry["seed"]
+        )
+        first = result
+        result = _attempt(cfg, arr, **inputs, retry=retry)
+        result["retried"] = {k: first[k] for k in ("version", "reasons", "run_id")}
+    return result
+
+
+def _retry_of(cfg: PipelineSettings, result: dict[str, Any]) -> dict[str, Any] | None:
+    """The retry of a first attempt that was not promoted, under the `retry` policy (None: no retry)."""
+    if not should_retry(cfg.rejected_policy, result["promoted"], 1):
+        return None
+    seed = retry_seed(resolve_schedule(cfg.schedule).seed, 2)
+    return {"attempt": 2, "seed": seed, "of_version": result["version"]}
+
+
+def _attempt(
+    cfg: PipelineSettings,
+    arr: Arrival,
+    *,
+    parent: dict[str, Any],
+    stage: int,
+    owed: dict[str, Any],
+    corpus_dir: str,
+    earlier: dict[str, str],
+    carried: dict[str, str],
+    retry: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One attempt of the stage (`retry`: the re-run of a rejected one): its own MLflow run and stage folder; train,
+    evaluate, register and promote. Long for the same reason as the flow: it is the stage's script."""
+    logger = get_run_logger()
+    run_id = start_run(cfg, arr, stage, parent["version"], retry)
 
     try:
-        out_dir = _stage_dir(cfg, arr, parent["version"])
+        out_dir = _stage_dir(cfg, arr, parent["version"], retry)
         summary = _train(
             cfg,
             dict(
@@ -531,6 +601,8 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
                 nproc=cfg.nproc,
                 fsdp=cfg.fsdp,
                 extra_corpora=carried,
+                extra_sources={c["domain"]: c["corpus_uri"] for c in owed["carry"]},
+                seed=retry["seed"] if retry else None,
                 mlflow_run_id=run_id,
                 tracking_uri=cfg.resolved_tracking_uri(),
             ),
@@ -539,8 +611,7 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
         log_stage(cfg, run_id, str(out_dir), plot)
 
         record = read_stage(out_dir)
-        domains = [e["domain"] for e in record["lineage"]]
-        names = _seen_task_names(cfg, domains)
+        names = _seen_task_names(cfg, list(seen_corpora(record["lineage"])))
         downstream = (
             downstream_eval(
                 str(out_dir),
@@ -558,7 +629,7 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
         scores = [r["mean"] for r in downstream if r["ok"]]
         average = sum(scores) / len(scores) if scores else None
 
-        version = register(cfg, run_id, str(out_dir), parent["version"], owed)
+        version = register(cfg, run_id, str(out_dir), parent["version"], owed, retry)
         decision = promote(
             cfg,
             version,
@@ -567,7 +638,9 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
             {r["task"]: r["mean"] for r in downstream if r["ok"]},
             parent["version"],
         )
-        carry.describe(_tracker(cfg), version, carry.description(record, owed, _decision_line(cfg, decision)))
+        next_try = None if retry else _retry_of(cfg, {"promoted": decision["promoted"], "version": version})
+        line = _decision_line(cfg, decision, next_try)
+        carry.describe(_tracker(cfg), version, carry.description(record, owed, line, cfg.max_ap_plus))
         if decision["promoted"]:
             logger.info("version %s is the new champion (was %s)", version, decision["previous"])
         else:
@@ -577,7 +650,7 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
                 "; ".join(decision["reasons"]),
                 decision["previous"],
             )
-        _publish(cfg, record, version, run_id, decision, downstream, plot, owed)
+        _publish(cfg, record, version, run_id, decision, downstream, plot, owed, retry)
     except BaseException:
         _end_run(cfg, run_id, failed=True)
         raise
@@ -597,4 +670,6 @@ def lifelong_stage(arrival: dict[str, Any], settings: PipelineSettings | None = 
         "pending": owed["pending"],
         "carried": [c["domain"] for c in owed["carry"]],
         "gates": decision["reasons"],
+        "attempt": retry["attempt"] if retry else 1,
+        "seed": record["schedule"]["seed"],
     }

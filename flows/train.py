@@ -131,6 +131,8 @@ def train_stage(
     nproc: int | None = None,
     fsdp: bool = False,
     extra_corpora: dict[str, str] | None = None,
+    extra_sources: dict[str, str] | None = None,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Grow the parent by the schedule, train on the corpus (with distillation), write the stage folder.
 
@@ -163,6 +165,8 @@ def train_stage(
         device=device,
         fsdp=fsdp,
         extra_corpora=extra_corpora or None,  # pending domains carried into this stage (loire.arrivals)
+        extra_sources=extra_sources or None,  # their URIs, recorded in the lineage for later stages to fetch
+        seed=seed,  # a retried stage's own schedule seed (policy retry); None: the schedule's
     )
     try:
         if workers > 1:

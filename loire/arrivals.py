@@ -3,8 +3,10 @@
 A pipeline registers one model version per arrival (a domain batch). When a version is *not* promoted,
 its arrival's data is not in the champion; under the `carry` policy (the default) it stays **pending**:
 the next stage grows the champion and trains on its own arrival and every pending one, mixed, so the
-champion's lineage covers every arrived domain. `skip` is the old behaviour (a rejected arrival is
-dropped; it stays listed as pending on later versions, so the loss is visible).
+champion's lineage covers every arrived domain. `retry` first re-runs the rejected stage once (same arrival,
+same champion, another seed: `retry_seed`) and, if the retry is rejected too, the arrival stays pending and is
+carried as under `carry`. `skip` is the old behaviour (a rejected arrival is dropped; it stays listed as pending
+on later versions, so the loss is visible).
 
 Vocabulary (the registry's tags, written by the pipeline):
 - an arrival is identified by its key (`flows.tracking.arrival_key`: batch URI + ETag);
@@ -25,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
-POLICIES = ("carry", "skip")
+POLICIES = ("carry", "retry", "skip")
+# A stage is re-run at most this many times under `retry` (the issue: "re-run the rejected stage once").
+MAX_RETRIES = 1
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,17 @@ def check_policy(policy: str) -> str:
     if policy not in POLICIES:
         raise ValueError(f"rejected-arrival policy {policy!r} is not one of {', '.join(POLICIES)}")
     return policy
+
+
+def should_retry(policy: str, promoted: bool, attempt: int) -> bool:
+    """Whether the stage of an arrival, at its `attempt` (1: first) and not promoted, is re-run (policy `retry`)."""
+    return check_policy(policy) == "retry" and not promoted and attempt <= MAX_RETRIES
+
+
+def retry_seed(schedule_seed: int, attempt: int) -> int:
+    """The schedule seed of an arrival's `attempt` (1: the schedule's own): retry k adds k, so its start noise, data
+    order and replay draws differ, and never equal another stage's (stage seeds lie `STAGE_SEED_STRIDE` apart)."""
+    return schedule_seed + attempt - 1
 
 
 def stage_number(parent_stage: int | None) -> int:
@@ -181,13 +196,16 @@ def describe_version(
     pending: Sequence[str] = (),
     carried: Sequence[str] = (),
     decision: str = "promotion pending",
+    max_ap_plus: float | None = None,
 ) -> str:
-    """The one-line description of a registered version (the MLflow UI's Description column)."""
+    """The one-line description of a registered version (the MLflow UI's Description column); `max_ap_plus`,
+    the AP+ gate the decision used, is shown beside AP+ (None: no gate)."""
     parts = [f"stage {stage} {domain}"]
     if carried:
         parts[0] += f" (+ carried {', '.join(carried)})"
     parts.append(f"AP {ap:.1f}" if ap is not None else "AP -")
-    parts.append(f"AP+ {ap_plus:.1f}" if ap_plus is not None else "AP+ - (first stage)")
+    gate = "" if max_ap_plus is None else f" (gate <= {max_ap_plus:g})"
+    parts.append(f"AP+ {ap_plus:.1f}{gate}" if ap_plus is not None else "AP+ - (first stage)")
     parts.append(f"covers {', '.join(covers) or '-'}")
     if pending:
         parts.append(f"still owed {', '.join(pending)}")

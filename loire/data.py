@@ -334,7 +334,14 @@ def read_bytes(uri: str) -> bytes:
     except _GzipBomb as exc:
         raise CorpusError(uri, str(exc)) from None
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise CorpusError(uri, f"corrupt gzip data ({exc})") from None
+        raise CorpusError(uri, _gzip_reason(exc)) from None
+
+
+def _gzip_reason(exc: BaseException) -> str:
+    """Why gzip data could not be read; an early end of the stream is said to be a truncated file, not a short one."""
+    if isinstance(exc, EOFError):
+        return f"corrupt gzip data: truncated, the file ends before the gzip stream does ({exc})"
+    return f"corrupt gzip data ({exc})"
 
 
 class _GzipBomb(Exception):
@@ -417,7 +424,7 @@ def _raw_lines(fs: fsspec.AbstractFileSystem, path: str, shown: str, limit: int)
     except _GzipBomb as exc:
         raise CorpusError(shown, str(exc), lineno + 1) from None
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise CorpusError(shown, f"corrupt gzip data ({exc})", lineno + 1) from None
+        raise CorpusError(shown, _gzip_reason(exc), lineno + 1) from None
     except OSError as exc:
         if path.lower().endswith(".gz"):
             raise CorpusError(shown, f"corrupt gzip data ({exc})", lineno + 1) from None
@@ -556,8 +563,7 @@ def _read_table(
             except _GzipBomb as exc:
                 raise CorpusError(shown, str(exc)) from None
             except (EOFError, zlib.error, OSError) as exc:
-                what = "corrupt gzip data" if gz else "cannot read"
-                raise CorpusError(shown, f"{what} ({exc})") from None
+                raise CorpusError(shown, _gzip_reason(exc) if gz else f"cannot read ({exc})") from None
         builder = "csv" if suffix == ".csv" else "parquet"
         options: dict[str, Any] = {"encoding": "utf-8-sig"} if builder == "csv" else {}
         try:

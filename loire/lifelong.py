@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,13 +31,16 @@ from loire.flops import flops_per_step
 from loire.grow import grow
 from loire.grow.vocab import grow_vocab
 from loire.io import load_model, publish_stage_folder
-from loire.metrics import average_increased_perplexity, average_perplexity, max_abs_logit_diff, perplexity
+from loire.metrics import learnt_perplexity, max_abs_logit_diff, perplexity, ppl_frame
 from loire.model import LoireForCausalLM, LoireForMaskedLM, LoirePreTrainedModel, model_dims
 from loire.planner import GrowthDecision, plan_growth
 from loire.schedule import Schedule, StageSpec, resolve_growth, schedule_preset
 from loire.strategies import Strategy, elle_expand, get_strategy, naive_expand
 from loire.tokenizer import DOMAIN_TOKENS, load_tokenizer, train_tokenizer
 from loire.train import OnLog, TrainConfig, train
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +133,40 @@ class StagePlan:
 
     @property
     def domains(self) -> list[str]:
+        """The domain of each earlier stage (its own arrival)."""
         return [entry["domain"] for entry in self.lineage]
+
+    @property
+    def seen(self) -> list[str]:
+        """Every domain trained on before this stage, carried ones included, in the order learnt."""
+        return list(seen_corpora(self.lineage))
+
+
+def learnt_domains(lineage: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """What each stage of a lineage trained on: the domains it carried (owed by stages that were not promoted),
+    then its own."""
+    return [[*(c["domain"] for c in entry.get("carried") or []), entry["domain"]] for entry in lineage]
+
+
+def stage_ppl_frame(record: Mapping[str, Any]) -> pd.DataFrame:
+    """`loire.metrics.ppl_frame` of a stage record: its perplexity matrix with AP and AP+ per stage, carried
+    domains counted as learnt at the stage that carried them."""
+    lineage = record["lineage"]
+    carried = [learnt[:-1] for learnt in learnt_domains(lineage)]
+    return ppl_frame([e["domain"] for e in lineage], record["ppl_matrix"], carried)
+
+
+def seen_corpora(lineage: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Every domain a lineage trained on -> the corpus URI of its latest batch, in the order first learnt.
+
+    A domain carried into a stage is seen from that stage on, like the stage's own: later stages replay it,
+    distil on it and measure it (its perplexity in the matrix, AP and AP+)."""
+    out: dict[str, str] = {}
+    for entry in lineage:
+        for carried in entry.get("carried") or []:
+            out[carried["domain"]] = carried["corpus_uri"]
+        out[entry["domain"]] = entry["corpus_uri"]
+    return out
 
 
 def stage_spec(schedule: Schedule, stage: int) -> StageSpec:
@@ -379,7 +415,7 @@ def _earlier_data(plan: StagePlan, domain: str, where: Mapping[str, str], tok, t
     """Step 3: earlier domains' data for replay memory, retraining, ELLE's recovery warmup and evaluation."""
     strat, spec = plan.strategy, plan.spec
     budget = spec.max_train_tokens
-    corpora = {e["domain"]: load_corpus(where.get(e["domain"], e["corpus_uri"])) for e in plan.lineage}
+    corpora = {d: load_corpus(where.get(d, uri)) for d, uri in seen_corpora(plan.lineage).items()}
     prompt_ids = {d: tok.convert_tokens_to_ids(domain_prompt_token(d)) for d in [*corpora, domain]}
     out = _Earlier(corpora, prompt_ids, strat.domain_prompts, train_blocks, None)
     out.train_blocks = out.prompted(train_blocks, domain)
@@ -489,11 +525,19 @@ def _train_stage(
 
 
 def _evaluate(
-    model: LoirePreTrainedModel, plan: StagePlan, domain: str, data: Corpus, earlier: _Earlier, tok, max_blocks: int
+    model: LoirePreTrainedModel,
+    plan: StagePlan,
+    domain: str,
+    data: Corpus,
+    earlier: _Earlier,
+    tok,
+    max_blocks: int,
+    carried: Mapping[str, tuple[Corpus, int]],
 ) -> dict[str, float]:
-    """Step 6: perplexity (masked LM: pseudo-perplexity) on every domain seen so far."""
+    """Step 6: perplexity (masked LM: pseudo-perplexity) on every domain seen so far, the carried ones included
+    (a domain's latest batch stands for it)."""
     ppl: dict[str, float] = {}
-    for d, c in [*earlier.corpora.items(), (domain, data)]:
+    for d, c in [*earlier.corpora.items(), *((d, c) for d, (c, _) in carried.items()), (domain, data)]:
         valid = earlier.prompted(_blocks(c, "valid", tok, plan.spec, None)[:max_blocks], d)
         ppl[d] = perplexity(model, valid, mask_token_id=tok.mask_token_id)
     return ppl
@@ -520,6 +564,7 @@ def _stage_record(
     fsdp: bool,
     started: float,
     decision: GrowthDecision | None = None,
+    carried_uris: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Step 7: the stage's `stage.json` (lineage, growth, perplexity matrix with AP / AP+, FLOPs, training).
 
@@ -532,8 +577,15 @@ def _stage_record(
         trained.result,
     )
     matrix_rows: list[dict[str, float]] = [*(parent_record["ppl_matrix"] if parent_record else []), ppl]
-    domains = [*plan.domains, domain]
-    matrix = [[row.get(d, float("nan")) for d in domains[: i + 1]] for i, row in enumerate(matrix_rows)]
+    entry: dict[str, Any] = {
+        "stage": t,
+        "domain": domain,
+        "model_dir": str(out.resolve()),
+        "corpus_uri": source_uri or corpus,
+    }
+    if carried_uris:  # what this stage carried is seen from here on (seen_corpora)
+        entry["carried"] = [{"domain": d, "corpus_uri": uri} for d, uri in carried_uris.items()]
+    ap, ap_plus = learnt_perplexity(matrix_rows, learnt_domains([*lineage, entry]))
     cumulative = trained.flops + (parent_record["flops"]["cumulative"] if parent_record else 0.0)
     record: dict[str, Any] = {
         "format": FORMAT_VERSION,
@@ -551,10 +603,7 @@ def _stage_record(
             "train_tokens": int(earlier.train_blocks.numel()),
         },
         "parent": None if parent is None else {"dir": str(Path(parent).resolve()), "stage": t - 1},
-        "lineage": [
-            *lineage,
-            {"stage": t, "domain": domain, "model_dir": str(out.resolve()), "corpus_uri": source_uri or corpus},
-        ],
+        "lineage": [*lineage, entry],
         "growth": {
             "targets": targets,
             "operator": plan.strategy.growth,
@@ -571,8 +620,8 @@ def _stage_record(
         },
         "ppl": ppl,
         "ppl_matrix": matrix_rows,
-        "ap": average_perplexity(matrix[-1]),
-        "ap_plus": average_increased_perplexity(matrix, t),
+        "ap": ap,
+        "ap_plus": ap_plus,
         "flops": {"stage": trained.flops, "teachers": result.teacher_flops, "cumulative": cumulative},
         "wall_time_s": time.perf_counter() - started,
         "train": {
@@ -619,6 +668,8 @@ def run_stage(
     fsdp: bool = False,
     eval_init: bool = False,
     extra_corpora: Mapping[str, str] | None = None,
+    extra_sources: Mapping[str, str] | None = None,
+    seed: int | None = None,
 ) -> StageResult:
     """Run one lifelong stage and write its folder to `out_dir` (see the module docstring).
 
@@ -630,13 +681,19 @@ def run_stage(
     (`ppl_init` in the record: the "init" row of the paper's LOIRE-Bert table).
     `extra_corpora` (domain -> corpus) are domains owed by earlier stages that were not promoted: their
     train splits are mixed into this stage's training data (each with its domain prompt) and the record's
-    `carried` lists each with its share of the training blocks and its perplexity after the stage.
+    `carried` lists each with its share of the training blocks and its perplexity after the stage. The lineage
+    entry of this stage lists them too (`carried`: domain and `extra_sources[domain]`, default the corpus path),
+    so later stages replay, distil on and evaluate them like any earlier domain.
+    `seed` (default: the schedule's) replaces the schedule's seed, as in `run_lifelong`: a retried stage runs with
+    another start noise, data order and replay draws (the record's `schedule.seed` says which).
 
     Long only by its keyword arguments: each step is one helper (`plan_stage`, `_load_data`, `_stage_model`,
     `_earlier_data`, `_mix_carried`, `_teachers`, `_train_stage`, `_evaluate`, `_stage_record`, `_write_stage`).
     """
     started = time.perf_counter()
     out = Path(out_dir)
+    if seed is not None:
+        schedule = dataclasses.replace(schedule_preset(schedule) if isinstance(schedule, str) else schedule, seed=seed)
     plan = plan_stage(schedule, strategy, parent, steps=steps, teachers=teachers)
     if domain in plan.domains:
         logger.info(
@@ -649,7 +706,7 @@ def run_stage(
     earlier = _earlier_data(plan, domain, earlier_corpora or {}, tok, train_blocks)
     carried = _mix_carried(plan, domain, extra_corpora or {}, tok, earlier)
     teacher_models, distill = _teachers(plan)
-    ppl_init = _evaluate(model, plan, domain, data, earlier, tok, max_eval_blocks) if eval_init else None
+    ppl_init = _evaluate(model, plan, domain, data, earlier, tok, max_eval_blocks, carried) if eval_init else None
     trained = _train_stage(
         plan,
         model,
@@ -666,7 +723,7 @@ def run_stage(
         on_log=on_log,
     )
     trained.flops += probe_flops  # the planner's probes are part of the stage's compute
-    ppl = _evaluate(trained.model, plan, domain, data, earlier, tok, max_eval_blocks)
+    ppl = _evaluate(trained.model, plan, domain, data, earlier, tok, max_eval_blocks, carried)
     record = _stage_record(
         plan,
         domain=domain,
@@ -687,10 +744,11 @@ def run_stage(
         fsdp=fsdp,
         started=started,
         decision=decision,
+        carried_uris={d: (extra_sources or {}).get(d, str(extra_corpora[d])) for d in carried}
+        if extra_corpora
+        else None,
     )
-    record["carried"] = _carried_entries(
-        trained.model, plan, carried, extra_corpora or {}, earlier, tok, max_eval_blocks
-    )
+    record["carried"] = _carried_entries(carried, extra_corpora or {}, earlier, ppl)
     _write_stage(trained.model, tok, record, out)
     if distributed.is_main():
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
@@ -713,29 +771,16 @@ def run_stage(
 
 
 def _carried_entries(
-    model: LoirePreTrainedModel,
-    plan: StagePlan,
     carried: Mapping[str, tuple[Corpus, int]],
     extra_corpora: Mapping[str, str],
     earlier: _Earlier,
-    tok,
-    max_eval_blocks: int,
+    ppl: Mapping[str, float],
 ) -> list[dict[str, Any]]:
     """The record's `carried`: each owed domain trained on, its share of the training blocks, its perplexity now."""
     total = int(earlier.train_blocks.shape[0])
     return [
-        {
-            "domain": d,
-            "corpus": str(extra_corpora[d]),
-            "train_blocks": n,
-            "share": n / total,
-            "ppl": perplexity(
-                model,
-                earlier.prompted(_blocks(c, "valid", tok, plan.spec, None)[:max_eval_blocks], d),
-                mask_token_id=tok.mask_token_id,
-            ),
-        }
-        for d, (c, n) in carried.items()
+        {"domain": d, "corpus": str(extra_corpora[d]), "train_blocks": n, "share": n / total, "ppl": ppl[d]}
+        for d, (_, n) in carried.items()
     ]
 
 

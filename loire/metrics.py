@@ -246,24 +246,49 @@ def average_increased_perplexity(matrix: Sequence[Sequence[float]], t: int) -> f
     return math.fsum(increases) / (t - 1)
 
 
-def ppl_frame(domains: Sequence[str], rows: Sequence[Mapping[str, float]]) -> pd.DataFrame:
+def learnt_perplexity(
+    rows: Sequence[Mapping[str, float]], learnt: Sequence[Sequence[str]]
+) -> tuple[float, float | None]:
+    """AP and AP+ after the last of `rows` (`rows[s]`: domain -> perplexity after stage s + 1) when stage s + 1
+    trained on the domains `learnt[s]` (its own, and any it carried for a stage that was not promoted).
+
+    ELLE's AP / AP+ with one domain per stage generalised to several: AP is the geometric mean over every
+    (stage, domain) learnt so far, AP+ the arithmetic mean of each one's rise since its stage (None at stage 1).
+    With one domain per stage both equal `average_perplexity` / `average_increased_perplexity` of the matrix.
+    """
+    last, t = rows[-1], len(rows)
+    ap = average_perplexity([_check_ppl(f"rows[{t - 1}][{d!r}]", last[d]) for ds in learnt[:t] for d in ds])
+    rises = [
+        _check_ppl(f"rows[{t - 1}][{d!r}]", last[d]) - _check_ppl(f"rows[{s}][{d!r}]", rows[s][d])
+        for s, ds in enumerate(learnt[: t - 1])
+        for d in ds
+    ]
+    return ap, (math.fsum(rises) / len(rises) if rises else None)
+
+
+def ppl_frame(
+    domains: Sequence[str], rows: Sequence[Mapping[str, float]], carried: Sequence[Sequence[str]] = ()
+) -> pd.DataFrame:
     """The stage × domain perplexity table of a lifelong record, with AP and AP+ per stage, as a DataFrame.
 
     `rows[t]` maps domain → perplexity after stage t + 1 (a stage record's `ppl_matrix`) and `domains[t]` is the
-    domain trained at stage t + 1. Index `stage` (1-based); columns `domain`, one per domain (NaN where not
-    measured), `AP` over the seen domains measured and `AP+` over the earlier domains measured both at that
-    stage and at their own (NaN at stage 1). The Prefect table artifact and the MLflow table are built from it.
+    domain trained at stage t + 1; `carried[t]` (optional) the domains stage t + 1 also trained on for a stage
+    that was not promoted, which count as learnt there. Index `stage` (1-based); columns `domain`, one per domain
+    (NaN where not measured), `AP` over the seen domains measured and `AP+` over the earlier domains measured both
+    at that stage and at their own (NaN at stage 1). The Prefect table artifact and the MLflow table are built
+    from it.
     """
     import pandas as pd
 
     rows = [dict(row) for row in rows]
+    learnt = [[*(carried[t] if t < len(carried) else ()), d] for t, d in enumerate(domains)]
     ap, ap_plus = [], []
     for t, row in enumerate(rows):  # a domain may arrive again (a new batch): it then counts once per stage
-        seen = [row[d] for d in domains[: t + 1] if d in row]
-        rises = [row[d] - rows[s][d] for s, d in enumerate(domains[:t]) if d in row and d in rows[s]]
+        seen = [row[d] for ds in learnt[: t + 1] for d in ds if d in row]
+        rises = [row[d] - rows[s][d] for s, ds in enumerate(learnt[:t]) for d in ds if d in row and d in rows[s]]
         ap.append(average_perplexity(seen) if seen else math.nan)
         ap_plus.append(math.fsum(rises) / len(rises) if rises else math.nan)
-    frame = pd.DataFrame(rows, columns=list(dict.fromkeys(domains)), dtype=float)
+    frame = pd.DataFrame(rows, columns=list(dict.fromkeys(d for ds in learnt for d in ds)), dtype=float)
     frame = frame.assign(AP=ap, **{"AP+": ap_plus})
     frame.insert(0, "domain", list(domains[: len(rows)]) + [None] * (len(rows) - len(domains)))
     frame.index = pd.RangeIndex(1, len(rows) + 1, name="stage")
@@ -368,6 +393,7 @@ __all__ = [
     "accuracy",
     "average_increased_perplexity",
     "average_perplexity",
+    "learnt_perplexity",
     "macro_f1",
     "max_abs_logit_diff",
     "micro_f1",

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 UNCHECKED: Any = object()  # decide(parent_version=...) not given: no lineage check
+# The AP+ bound of the library and of the pipeline (flows.settings `max_ap_plus`): one number, so a default
+# means the same everywhere. At gpt-tiny (bench/results/lifelong.md) the default strategy `loire` keeps AP+
+# below 0, LOIRE without replay shows 157-454 and fine-tuning a fixed model 287-1284: 100 rejects real forgetting.
+DEFAULT_MAX_AP_PLUS = 100.0
 
 
 @dataclass(frozen=True)
@@ -20,14 +24,13 @@ class Gates:
     """Promotion gates.
 
     `max_ap_plus`: the largest AP+ (mean rise in perplexity points of earlier domains, ELLE) a stage may
-    show. The default 500 fits the CPU-sized presets: in bench/results/lifelong.md (gpt-tiny) LOIRE's
-    stages show AP+ 157–454 while naive fine-tuning of a fixed model reaches 952–1284 (catastrophic
-    forgetting). For base-sized models, where AP+ is a few points, pass a much smaller bound; None
-    disables the gate. A stage without AP+ (stage 1) passes.
+    show; default `DEFAULT_MAX_AP_PLUS` (100, the pipeline's default too), sized for the CPU presets. For
+    base-sized models, where AP+ is a few points, pass a much smaller bound; None disables the gate. A stage
+    without AP+ (stage 1) passes.
     `downstream_tolerance`: how far (absolute score) the downstream average may fall below the champion's.
     """
 
-    max_ap_plus: float | None = 500.0
+    max_ap_plus: float | None = DEFAULT_MAX_AP_PLUS
     downstream_tolerance: float = 0.02
 
 
@@ -107,4 +110,13 @@ def common_averages(
     return sum(mine[t] for t in common) / len(common), sum(theirs[t] for t in common) / len(common), common
 
 
-__all__ = ["Decision", "Gates", "ap_plus_gate", "common_averages", "decide", "downstream_gate", "lineage_gate"]
+__all__ = [
+    "DEFAULT_MAX_AP_PLUS",
+    "Decision",
+    "Gates",
+    "ap_plus_gate",
+    "common_averages",
+    "decide",
+    "downstream_gate",
+    "lineage_gate",
+]

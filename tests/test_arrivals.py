@@ -13,7 +13,9 @@ from loire.arrivals import (
     owed,
     parse_tag_list,
     plan,
+    retry_seed,
     shares,
+    should_retry,
     stage_number,
     tag_list,
 )
@@ -69,6 +71,21 @@ def test_one_batch_per_domain_per_stage() -> None:
     assert same.carry == () and same.pending == ("REV",)
 
 
+def test_retry_re_runs_a_rejected_stage_once_with_another_seed_then_carries_it() -> None:
+    assert should_retry("retry", promoted=False, attempt=1)
+    assert not should_retry("retry", promoted=False, attempt=2)  # once: a rejected retry is carried instead
+    assert not should_retry("retry", promoted=True, attempt=1)
+    assert not should_retry("carry", promoted=False, attempt=1) and not should_retry("skip", promoted=False, attempt=1)
+    assert retry_seed(7, 1) == 7 and retry_seed(7, 2) == 8
+    # v3 (REV) rejected, v4 its retry (same arrival) rejected too: REV is owed once and carried like under carry
+    retried = Registered(version=4, domain="REV", arrival=REV.arrival, promoted=False)
+    p = plan("retry", [WB, NEWS, REV, retried], [WB, NEWS], "k-BIO", "BIO", parent_stage=2)
+    assert p.carry == (REV,) and p.covers == ("WB", "NEWS", "REV", "BIO") and p.pending == ()
+    # the retry promoted: the champion's chain covers the arrival, nothing is owed
+    promoted = Registered(version=4, domain="REV", arrival=REV.arrival, promoted=True)
+    assert owed([WB, NEWS, REV, promoted], [WB, NEWS, promoted], "k-BIO") == []
+
+
 def test_small_helpers() -> None:
     assert stage_number(None) == 1 and stage_number(4) == 5
     assert tag_list([]) == "" and tag_list(["WB", "NEWS"]) == "WB,NEWS" and parse_tag_list("WB,NEWS") == ["WB", "NEWS"]
@@ -80,6 +97,8 @@ def test_small_helpers() -> None:
         stage=3, domain="BIO", ap=12.34, ap_plus=None, covers=["WB", "REV", "BIO"], carried=["REV"], decision="x"
     )
     assert text == "stage 3 BIO (+ carried REV) · AP 12.3 · AP+ - (first stage) · covers WB, REV, BIO · x"
+    gated = describe_version(stage=2, domain="NEWS", ap=9.0, ap_plus=453.5, covers=["WB", "NEWS"], max_ap_plus=100)
+    assert "AP+ 453.5 (gate <= 100)" in gated
 
 
 def test_lineage_frame_one_row_per_version_with_dashes_for_the_unknown() -> None:

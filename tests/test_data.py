@@ -240,8 +240,25 @@ def test_corrupt_gzip(tmp_path: Path, name: str) -> None:
 def test_truncated_gzip(tmp_path: Path) -> None:
     data = gzip.compress(b"".join(json.dumps({"text": f"line {i}"}).encode() + b"\n" for i in range(2000)))
     (tmp_path / "a.jsonl.gz").write_bytes(data[: len(data) // 2])
-    err = raises(tmp_path, name="a.jsonl.gz", match="corrupt gzip")
+    err = raises(tmp_path, name="a.jsonl.gz", match="corrupt gzip data: truncated")
     assert err.line is not None and err.line > 1
+
+
+@pytest.mark.parametrize("name", ["a.txt.gz", "a.csv.gz", "a.parquet.gz"])
+@pytest.mark.parametrize("keep", [0.5, -8])  # half the stream; everything but the trailer (CRC and size)
+def test_truncated_gzip_is_not_a_short_corpus(tmp_path: Path, name: str, keep: float) -> None:
+    import io
+
+    import pandas as pd
+
+    if name.endswith(".parquet.gz"):
+        buffer = io.BytesIO()
+        pd.DataFrame({"text": [f"document {i}" for i in range(500)]}).to_parquet(buffer)
+        data = gzip.compress(buffer.getvalue())
+    else:
+        data = gzip.compress(("text\n" if name.endswith(".csv.gz") else "").encode() + b"document\n\n" * 2000)
+    (tmp_path / name).write_bytes(data[: int(len(data) * keep)] if keep > 0 else data[: int(keep)])
+    raises(tmp_path, name=name, match="corrupt gzip data: truncated")
 
 
 def test_document_over_size_cap(tmp_path: Path) -> None:

@@ -60,6 +60,52 @@ def test_stage_folder_lineage_and_metrics(tmp_path: Path) -> None:
     assert not (tmp_path / ".s2.checkpoints").exists()
 
 
+def test_a_carried_domain_is_seen_by_the_later_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NEWS, carried into stage 1 (its own stage was not promoted), is replayed and measured in stage 2 like WB."""
+    import loire.lifelong as lifelong
+    from loire.metrics import learnt_perplexity
+
+    wb, news, bio = (write_corpus(tmp_path / name, seed) for seed, name in enumerate(("wb", "news", "bio")))
+    sched = small_schedule(steps=4)
+    s1 = run_stage(
+        "WB",
+        str(wb),
+        tmp_path / "s1",
+        schedule=sched,
+        progress=False,
+        max_eval_blocks=4,
+        extra_corpora={"NEWS": str(news)},
+        extra_sources={"NEWS": "s3://landing/NEWS/b1/"},
+    )
+    assert s1.record["lineage"][-1]["carried"] == [{"domain": "NEWS", "corpus_uri": "s3://landing/NEWS/b1/"}]
+    assert set(s1.ppl) == {"WB", "NEWS"} and s1.record["carried"][0]["ppl"] == s1.ppl["NEWS"]
+    replayed: list[list[str]] = []
+    earlier_data = lifelong._earlier_data
+
+    def spy(plan, domain, where, tok, blocks):  # what the stage replays and evaluates as earlier domains
+        out = earlier_data(plan, domain, where, tok, blocks)
+        replayed.append(list(out.corpora))
+        return out
+
+    monkeypatch.setattr(lifelong, "_earlier_data", spy)
+    s2 = run_stage(
+        "BIO",
+        str(bio),
+        tmp_path / "s2",
+        parent=tmp_path / "s1",
+        schedule=sched,
+        progress=False,
+        max_eval_blocks=4,
+        earlier_corpora={"NEWS": str(news)},  # the pipeline's local copy of the recorded s3:// URI
+    )
+    assert replayed == [["NEWS", "WB"]] and set(s2.ppl) == {"WB", "NEWS", "BIO"}
+    assert s2.record["train"]["replay_ratio"] > 0  # replay on: its memory is drawn from those corpora
+    ap, ap_plus = learnt_perplexity(s2.record["ppl_matrix"], [["NEWS", "WB"], ["BIO"]])
+    assert (s2.ap, s2.ap_plus) == (pytest.approx(ap), pytest.approx(ap_plus))  # NEWS's rise counts in AP+
+    assert s2.ap_plus == pytest.approx(((s2.ppl["WB"] - s1.ppl["WB"]) + (s2.ppl["NEWS"] - s1.ppl["NEWS"])) / 2)
+    assert s2.record["carried"] == [] and "carried" not in s2.record["lineage"][-1]
+
+
 def test_nan_stage_fails_and_leaves_parent_and_out_untouched(tmp_path: Path) -> None:
     a, b = write_corpus(tmp_path / "a", 0), write_corpus(tmp_path / "b", 1)
     run_stage("WB", str(a), tmp_path / "s1", schedule=small_schedule(), progress=False)
@@ -94,6 +140,22 @@ def test_bad_corpus_is_one_line_naming_the_file(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "x.jsonl" in result.output and "line 2" in result.output and "Traceback" not in result.output
     assert (out / "keep.txt").read_text() == "existing model"
+
+
+def test_truncated_gzip_corpus_is_one_line_saying_so_and_nothing_is_written(tmp_path: Path) -> None:
+    """A `.txt.gz` cut short is a corrupt file, not a short corpus (issue 16, item 6)."""
+    import gzip
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    data = gzip.compress(b"a document of the stream\n\n" * 2000)
+    (bad / "part-0.txt.gz").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train-stage", "--domain", "WB", "--corpus", str(bad), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    (line,) = [text for text in result.output.splitlines() if text.strip()]
+    assert "part-0.txt.gz" in line and "corrupt gzip data: truncated" in line and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]  # no stage folder, no checkpoints
 
 
 @pytest.mark.integration

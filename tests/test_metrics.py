@@ -17,6 +17,7 @@ from loire.metrics import (
     PAD,
     average_increased_perplexity,
     average_perplexity,
+    learnt_perplexity,
     max_abs_logit_diff,
     perplexity,
     ppl_frame,
@@ -78,6 +79,23 @@ def test_ppl_frame_has_ap_and_ap_plus_per_stage() -> None:
 def test_ppl_frame_skips_what_was_not_measured() -> None:
     frame = ppl_frame(["WB", "NEWS"], [{"WB": 10.0}, {"NEWS": 8.0}])
     assert frame.loc[2, "AP"] == pytest.approx(8.0) and math.isnan(frame.loc[2, "AP+"])
+
+
+def test_learnt_perplexity_counts_carried_domains_as_learnt_where_carried() -> None:
+    domains = ["WB", "NEWS", "REV"]
+    rows = [dict(zip(domains, row, strict=False)) for row in MATRIX]
+    for t in (1, 2, 3):  # one domain per stage: ELLE's AP / AP+ exactly
+        ap, ap_plus = learnt_perplexity(rows[:t], [[d] for d in domains])
+        assert ap == pytest.approx(AP[t - 1], rel=1e-12)
+        assert ap_plus == (None if t == 1 else pytest.approx(AP_PLUS[t - 1], rel=1e-12))
+    # stage 2 trained on NEWS and carried BIO (rejected elsewhere); stage 3 trained on REV
+    rows = [{"WB": 10.0}, {"WB": 12.0, "BIO": 20.0, "NEWS": 8.0}, {"WB": 15.0, "BIO": 26.0, "NEWS": 9.0, "REV": 6.0}]
+    learnt = [["WB"], ["BIO", "NEWS"], ["REV"]]
+    ap, ap_plus = learnt_perplexity(rows, learnt)
+    assert ap == pytest.approx((15 * 26 * 9 * 6) ** 0.25) and ap_plus == pytest.approx((5 + 6 + 1) / 3)
+    frame = ppl_frame(["WB", "NEWS", "REV"], rows, [[], ["BIO"], []])
+    assert list(frame.columns) == ["domain", "WB", "BIO", "NEWS", "REV", "AP", "AP+"]
+    assert frame.loc[3, "AP"] == pytest.approx(ap) and frame.loc[3, "AP+"] == pytest.approx(ap_plus)
 
 
 # --------------------------------------------------------------------------- perplexity

@@ -2,7 +2,7 @@
 
 import math
 
-from loire.promotion import Gates, common_averages, decide
+from loire.promotion import DEFAULT_MAX_AP_PLUS, Gates, common_averages, decide
 
 
 def test_first_stage_with_no_champion_is_promoted() -> None:
@@ -20,6 +20,10 @@ def test_ap_plus_over_the_bound_or_not_finite_is_rejected() -> None:
             Gates(max_ap_plus=500), ap_plus=ap_plus, downstream_average=None, champion_average=None, champion="1"
         )
         assert not d.promoted and d.failures.startswith("fail: AP+")
+    # the default bound means something: the AP+ 453.5 of LOIRE without replay at gpt-tiny is rejected
+    default = decide(Gates(), ap_plus=453.5, downstream_average=None, champion_average=None, champion="1")
+    assert Gates().max_ap_plus == DEFAULT_MAX_AP_PLUS == 100.0
+    assert not default.promoted and default.failures == "fail: AP+ 453.5 > 100"
     off = decide(Gates(max_ap_plus=None), ap_plus=9e9, downstream_average=None, champion_average=None, champion="1")
     assert off.promoted and off.reasons[0].startswith("skip: AP+ gate disabled")
 

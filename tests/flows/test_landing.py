@@ -295,6 +295,24 @@ def test_fetch_batch_s3_downloads_data_files(landing_bucket: LandingBucket, tmp_
     assert fetch_batch(only_arrival(lb), dest, s3=lb.s3) == dest
 
 
+def test_a_truncated_gzip_landed_is_rejected_as_corrupt(landing_bucket: LandingBucket, tmp_path: Path) -> None:
+    """The stage's validation names the landed object and says it is truncated: not read as a short corpus."""
+    import gzip
+
+    from flows.stage import validate_corpus
+    from loire.data import CorpusError
+
+    lb = landing_bucket
+    data = gzip.compress(b"a document of the stream\n\n" * 2000)
+    put_batch(lb, "NEWS/b1", {"part-0.jsonl": jsonl("a good file"), "part-1.txt.gz": data[: len(data) // 2]})
+    arrival = only_arrival(lb)
+    dest = fetch_batch(arrival, tmp_path / "cache", s3=lb.s3)
+    with pytest.raises(CorpusError) as info:
+        validate_corpus.fn(str(dest), arrival.batch_uri)
+    assert str(info.value).startswith(f"s3://{lb.bucket}/landing/NEWS/b1/part-1.txt.gz, line ")
+    assert "corrupt gzip data: truncated" in str(info.value)
+
+
 def test_fetch_batch_refuses_objects_over_the_cap_atomically(landing_bucket: LandingBucket, tmp_path: Path) -> None:
     lb = landing_bucket
     put_batch(lb, "NEWS/b1", {"a.jsonl": jsonl("small"), "b.jsonl": jsonl("x" * 500)})

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from flows.settings import PipelineSettings, from_env, load_settings
+from loire.promotion import Gates
 
 
 def test_defaults_env_yaml_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -14,6 +15,7 @@ def test_defaults_env_yaml_and_overrides(tmp_path: Path, monkeypatch: pytest.Mon
         monkeypatch.delenv(f"LOIRE_{name.upper()}", raising=False)
     monkeypatch.delenv("LOIRE_SETTINGS", raising=False)
     assert load_settings().strategy == "loire" and load_settings().train_mode == "in-process"
+    assert load_settings().max_ap_plus == Gates().max_ap_plus  # one default for the pipeline and the library
     file = tmp_path / "pipeline.yaml"
     file.write_text("schedule: gpt-micro\nmax_ap_plus: 10\n")
     monkeypatch.setenv("LOIRE_SETTINGS", str(file))
@@ -70,3 +72,11 @@ def test_variables_override_the_file_and_values_override_both(tmp_path: Path, mo
     assert (settings.strategy, settings.steps, settings.device) == ("replay", 5, "cpu")
     assert settings.base_model == "s3://models/gpt2/" and PipelineSettings().steps == 5  # read by the class itself
     assert load_settings({"steps": 7}, path=file).steps == 7
+
+
+def test_the_rejected_policy_lists_its_allowed_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOIRE_SETTINGS", raising=False)
+    assert load_settings({"rejected_policy": "retry"}).rejected_policy == "retry"
+    monkeypatch.setenv("LOIRE_REJECTED_POLICY", "again")
+    with pytest.raises(ValueError, match=r"rejected_policy \(LOIRE_REJECTED_POLICY\): .*'carry', 'retry' or 'skip'"):
+        load_settings()

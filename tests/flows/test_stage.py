@@ -85,3 +85,14 @@ def test_ppl_rows_carry_ap_and_ap_plus_on_every_row() -> None:
     assert [list(r) for r in rows] == [["stage", "domain", "WB", "NEWS", "REV", "AP", "AP+"]] * 3
     assert [r["AP+"] for r in rows] == ["—", 2.0, 1.0]
     assert rows[0]["NEWS"] == "" and rows[1]["AP"] == pytest.approx((12.0 * 8.0) ** 0.5, abs=0.01)
+
+
+def test_ppl_rows_show_carried_domains_from_the_stage_that_carried_them() -> None:
+    record = {
+        "lineage": [{"domain": "WB"}, {"domain": "BIO", "carried": [{"domain": "REV", "corpus_uri": "s3://b/REV/1/"}]}],
+        "ppl_matrix": [{"WB": 10.0}, {"WB": 12.0, "REV": 7.0, "BIO": 8.0}],
+        "ap_plus": 2.0,
+    }
+    rows = ppl_rows(record)
+    assert [list(r) for r in rows] == [["stage", "domain", "WB", "REV", "BIO", "AP", "AP+"]] * 2
+    assert rows[1]["REV"] == 7.0 and rows[1]["AP"] == pytest.approx((12.0 * 7.0 * 8.0) ** (1 / 3), abs=0.01)

@@ -373,3 +373,39 @@ def closed_port() -> Iterator[int]:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         yield sock.getsockname()[1]
+
+
+def test_a_retried_stage_is_its_own_run_and_version_of_the_same_arrival(
+    mlflow_server: MlflowServer, tmp_path: Path
+) -> None:
+    """Policy retry (flows.stage): attempt 2 of an arrival gets its own run and version beside attempt 1, both found
+    again by a resumed flow run, and a twice-rejected arrival is owed once (loire.arrivals)."""
+    from flows.carry import registered as registered_versions
+    from flows.carry import retry_tags
+    from loire.arrivals import owed
+
+    tag = uuid.uuid4().hex[:8]
+    tracker = Tracker(mlflow_server.uri, model_name=f"loire-retry-{tag}", experiment=f"loire-retry-{tag}", retry=FAST)
+    tokenizer, uri = _tokenizer(), f"s3://landing/corpora/rev/batch-{tag}"
+    model = _tiny_model(tokenizer)
+    runs, versions = [], []
+    for attempt in (1, 2):
+        folder = tmp_path / f"attempt-{attempt}"
+        _write_stage(model, tokenizer, _record(1, "REV", folder, uri, None), folder)
+        start = dict(stage=1, domain="REV", flow_run_id=f"flow-{tag}", params={}, corpus_uri=uri, corpus_etag=ETAG)
+        runs.append(tracker.start_stage_run(**start, attempt=attempt))
+        retry = {"attempt": 2, "seed": 1, "of_version": "1"} if attempt == 2 else None
+        version = tracker.register_stage(
+            runs[-1], folder, parent_version=None, attempt=attempt, extra_tags=retry_tags(retry)
+        )
+        versions.append(version)
+        assert tracker.start_stage_run(**start, attempt=attempt) == runs[-1]  # a resumed flow run finds its run
+    assert runs[0] != runs[1] and [v.version for v in versions] == ["1", "2"]
+    assert "loire.attempt" not in versions[0].tags and versions[1].tags["loire.attempt"] == "2"
+    assert versions[1].tags["loire.retry_of"] == "1" and versions[1].tags["loire.seed"] == "1"
+    assert tracker.find_arrival(uri, ETAG).version == "1" and tracker.find_arrival(uri, ETAG, 2).version == "2"
+    assert tracker.register_stage(runs[1], tmp_path / "attempt-2", parent_version=None, attempt=2).version == "2"
+    for version in ("1", "2"):
+        assert not tracker.promote(version, Gates(max_ap_plus=1.0), ap_plus=12.5, downstream_average=None).promoted
+    (debt,) = owed(registered_versions(tracker), [], "k-next")
+    assert debt.version == 1 and debt.domain == "REV"
