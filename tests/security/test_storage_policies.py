@@ -60,7 +60,9 @@ def moto_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     root = tmp_path_factory.mktemp("moto-auth")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    # A clean environment: nothing another test left in os.environ (AWS_*, MOTO_*, proxies) reaches the server.
+    keep = ("PATH", "HOME", "LANG", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
+    env = {k: os.environ[k] for k in keep if k in os.environ} | {"INITIAL_NO_AUTH_ACTION_COUNT": "0"}
     with (root / "moto.log").open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -98,10 +100,11 @@ def _seed_admin(url: str) -> tuple[str, str]:
 
 def _run_bootstrap(url: str, admin: tuple[str, str], keys_file: Path, capsys: pytest.CaptureFixture[str]) -> str:
     with pytest.MonkeyPatch.context() as mp:
+        for name in [k for k in os.environ if k.startswith(("AWS_", "BOTO"))]:  # only the admin's key counts
+            mp.delenv(name, raising=False)
         mp.setenv("AWS_ACCESS_KEY_ID", admin[0])
         mp.setenv("AWS_SECRET_ACCESS_KEY", admin[1])
-        for name in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE"):
-            mp.delenv(name, raising=False)
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
         argv = ["--endpoint-url", url, "--bucket", BUCKET, "--prefix", LANDING, "--no-queue", "--no-prefect"]
         argv += ["--no-mlflow", "--storage-identities", "--keys-file", str(keys_file)]
         assert bootstrap.main(argv) == 0
