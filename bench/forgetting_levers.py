@@ -56,6 +56,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any], int, str]] = {
     "mem2-lr5e-4": ({}, {"lr": 5e-4}, 2, "memory 1/2 and lr 5e-4"),
     "mem5": ({}, {}, 5, "replay memory of 1/5 the new domain's blocks per earlier domain"),
     "mem2-nokd": ({"distill": "none"}, {}, 2, "memory 1/2 without distillation"),
+    "mem2-random": ({"growth": "random"}, {}, 2, "memory 1/2, new parameters random (not exact)"),
+    "mem2-free0.1": ({"growth_free_std": 0.1}, {}, 2, "memory 1/2, exact growth with free parameters at std 0.1"),
 }
 
 

@@ -10,6 +10,7 @@ is replaced only by a complete new one and left untouched on any failure.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -378,7 +379,7 @@ def _stage_model(
         return previous, targets, None, decision
     probe = train_blocks[:GROWTH_PROBE_BLOCKS, : min(GROWTH_PROBE_TOKENS, spec.block_size)]
     if strat.growth == "exact":
-        model = grow(previous, **targets, seed=plan.seed, init=strat.growth_init)
+        model = _grow_exact(previous, targets, plan.seed, strat)
     elif strat.growth == "elle":
         model = elle_expand(previous, **targets, seed=plan.seed)
     else:
@@ -386,6 +387,20 @@ def _stage_model(
     growth_diff = max_abs_logit_diff(previous, model, probe)
     logger.info("stage %d: grew %s, max |Δlogits| %.3g", plan.stage, targets, growth_diff)
     return model, targets, growth_diff, decision
+
+
+def _grow_exact(
+    model: LoirePreTrainedModel, targets: dict[str, int], seed: int, strat: Strategy
+) -> LoirePreTrainedModel:
+    """The exact operators, their free parameters drawn at the strategy's std (the grown model keeps the
+    original initializer_range)."""
+    if strat.growth_free_std is None:
+        return grow(model, **targets, seed=seed, init=strat.growth_init)
+    source = copy.deepcopy(model)
+    source.config.initializer_range = strat.growth_free_std
+    grown = grow(source, **targets, seed=seed, init=strat.growth_init)
+    grown.config.initializer_range = model.config.initializer_range
+    return grown
 
 
 def _plan_growth(plan: StagePlan, model: LoirePreTrainedModel, tok, train_blocks: torch.Tensor) -> GrowthDecision:

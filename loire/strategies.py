@@ -63,6 +63,8 @@ class Strategy:
     distill_steps: int | None = None  # cap on the schedule's distillation / plug-in window (None: the schedule's)
     distill_fraction: float | None = None  # cap on the window as a share of the stage's steps (None: no cap)
     growth_init: str = "pad"  # exact growth: how width operators fill new units ("pad" or "split", loire.grow)
+    # exact growth: std of the operators' free ("any value") parameters; None: the model's initializer_range
+    growth_free_std: float | None = None
 
 
 # ER's share of every batch drawn from memory: a memory batch as large as the new one (Chaudhry et al.,

@@ -3,9 +3,13 @@
 import dataclasses
 
 import pytest
+import torch
 
-from loire.lifelong import teacher_betas
+from loire.lifelong import _grow_exact, teacher_betas
+from loire.metrics import max_abs_logit_diff
+from loire.model import LoireForCausalLM
 from loire.strategies import DISTILL_FRACTION, REPLAY_RATIO, STRATEGIES
+from tests.conftest import tiny_config
 
 
 def test_token_kd_keeps_the_schedules_total_teacher_weight() -> None:
@@ -30,3 +34,18 @@ def test_the_default_loire_replays_and_distils_briefly() -> None:
     for name, growth in (("loire-zero", "zero"), ("loire-random", "random")):
         assert dataclasses.replace(STRATEGIES[name], name="loire", growth="exact") == loire
         assert STRATEGIES[name].growth == growth
+
+
+def test_exact_growth_with_larger_free_parameters_stays_exact() -> None:
+    """`growth_free_std` scales the operators' free values; the function is kept and the config's init range too."""
+    torch.manual_seed(0)
+    model = LoireForCausalLM(tiny_config("gpt-tiny")).double().eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    wide = dataclasses.replace(STRATEGIES["loire"], growth_free_std=0.5)
+    base = _grow_exact(model, {"hidden": 26, "ffn": 48}, 3, STRATEGIES["loire"])
+    grown = _grow_exact(model, {"hidden": 26, "ffn": 48}, 3, wide)
+    assert max_abs_logit_diff(model, grown, ids) < 1e-10
+    assert grown.config.initializer_range == model.config.initializer_range
+    spread = {n: p.detach().std().item() for n, p in grown.named_parameters()}
+    narrow = {n: p.detach().std().item() for n, p in base.named_parameters()}
+    assert any(spread[n] > 2 * narrow[n] for n in spread)  # some free values are drawn wider
