@@ -76,6 +76,7 @@ def _parent_for(stage_one: Path, strat: str, work: Path) -> Path:
         shutil.copytree(stage_one, copy)
         rec = json.loads((copy / "stage.json").read_text())
         rec["strategy"] = strat
+        rec["lineage"][-1]["model_dir"] = str(copy)  # the teacher of stage 2 is this stage-1 model
         (copy / "stage.json").write_text(json.dumps(rec, indent=2))
     return copy
 

@@ -68,6 +68,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "loire-r10": ("loire", {"replay_ratio": 0.1, "distill_fraction": None}),
     "loire-r10-nokd": ("loire", {"replay_ratio": 0.1, "distill": "none"}),
     "loire-split": ("loire", {"growth_init": "split"}),
+    # exact growth whose free ("any value") parameters start at std 0.1 instead of 0.02 (the lever that
+    # bench/forgetting_levers.py found at stage 2: random new parameters learn faster than exact ones)
+    "loire-free0.1": ("loire", {"growth_free_std": 0.1}),
 }
 ABLATION = ["loire", "loire-zero", "loire-random"]
 # The `long` benchmark's run order (what `--budget long` runs when neither --runs nor --strategies is
