@@ -75,6 +75,11 @@ def flops_per_token(config: LoireConfig, seq_len: int, *, training: bool = True,
     return 3.0 * forward if training else forward
 
 
+def head_of(config: LoireConfig) -> str:
+    """The FLOPs head of a model's config: causal LM or masked LM."""
+    return "causal_lm" if config.is_causal else "masked_lm"
+
+
 def flops_per_step(
     config: LoireConfig, batch_size: int, seq_len: int, *, training: bool = True, head: str = "causal_lm"
 ) -> float:

@@ -28,7 +28,7 @@ from loire import distributed
 from loire.config import LoireConfig
 from loire.data import Corpus, encode_corpus, load_corpus
 from loire.distill import DistillConfig
-from loire.flops import flops_per_step
+from loire.flops import flops_per_step, head_of
 from loire.grow import grow
 from loire.grow.vocab import grow_vocab
 from loire.io import load_model, publish_stage_folder
@@ -247,7 +247,7 @@ def fit_budget(plan: StagePlan, model: LoirePreTrainedModel, spent: float = 0.0)
     if spec.flops_budget is None:
         return plan
     budget = spec.flops_budget * (plan.stage if plan.strategy.from_scratch else 1)
-    step = flops_per_step(model.config, spec.batch_size, spec.block_size, head=_head(model.config))
+    step = flops_per_step(model.config, spec.batch_size, spec.block_size, head=head_of(model.config))
     steps = max(1, round((budget - spent) / step))
     logger.info("stage %d: %d steps fit the budget of %.3g FLOPs (%.3g on probes)", plan.stage, steps, budget, spent)
     return dataclasses.replace(plan, steps=steps, distill_window=distill_window(spec, plan.strategy, steps))
@@ -265,10 +265,6 @@ def _decision_summary(record: Mapping[str, Any]) -> dict[str, Any]:
         "probe_flops": decision["probe_flops"],
         "probes": probes,
     }
-
-
-def _head(config: LoireConfig) -> str:
-    return "causal_lm" if config.is_causal else "masked_lm"
 
 
 def domain_prompt_token(domain: str) -> str:
@@ -406,7 +402,7 @@ def _grow_exact(
 def _plan_growth(plan: StagePlan, model: LoirePreTrainedModel, tok, train_blocks: torch.Tensor) -> GrowthDecision:
     """Step 2a: the growth planner's probes on the new domain (see loire.planner)."""
     spec = plan.spec
-    step = flops_per_step(model.config, spec.batch_size, spec.block_size, head=_head(model.config))
+    step = flops_per_step(model.config, spec.batch_size, spec.block_size, head=head_of(model.config))
     return plan_growth(
         model,
         train_blocks,

@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 
 from loire.config import LoireConfig
-from loire.flops import flops_per_step
+from loire.flops import flops_per_step, head_of
 from loire.grow import grow
 from loire.metrics import max_abs_logit_diff, perplexity
 from loire.model import LoirePreTrainedModel
@@ -335,5 +335,4 @@ def probes_frame(decision: Mapping[str, Any]) -> pd.DataFrame:
 
 
 def _step_flops(config: LoireConfig, batch_size: int, block: int) -> float:
-    head = "causal_lm" if config.is_causal else "masked_lm"
-    return flops_per_step(config, batch_size, block, head=head)
+    return flops_per_step(config, batch_size, block, head=head_of(config))

@@ -55,7 +55,7 @@ import yaml
 
 from loire.config import LAMBDA_MODES, PRESETS, LoireConfig, preset
 from loire.domains import DOMAINS  # ELLE's domain stream, in order
-from loire.flops import flops_per_step
+from loire.flops import flops_per_step, head_of
 from loire.grow import OPERATORS
 
 logger = logging.getLogger(__name__)
@@ -542,8 +542,7 @@ def stage_flops(schedule: Schedule, index: int) -> float:
     if spec.flops_budget is not None:
         return spec.flops_budget
     config = schedule.config_at(index).replace(vocab_size=schedule.tokenizer_vocab_size)
-    head = "causal_lm" if config.is_causal else "masked_lm"
-    return spec.steps * flops_per_step(config, spec.batch_size, spec.block_size, head=head)
+    return spec.steps * flops_per_step(config, spec.batch_size, spec.block_size, head=head_of(config))
 
 
 def flops_matched(reference: Schedule, growth: Sequence[Mapping[str, int]] | None) -> Schedule:
