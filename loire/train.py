@@ -35,7 +35,7 @@ from safetensors.torch import load_model, save_model
 
 from loire import distributed
 from loire.distill import DistillConfig, TeacherCache, build_teacher_cache, kd_loss
-from loire.flops import flops_per_step
+from loire.flops import flops_per_step, head_of
 from loire.model import LoirePreTrainedModel, shifted_lm_loss
 
 logger = logging.getLogger(__name__)
@@ -301,7 +301,8 @@ def _teacher_cache(
     inputs = [batcher.micro_batch(*divmod(i, config.grad_accum))[0] for i in window]
     cache = build_teacher_cache([t.to(device) for t in teachers], inputs, distill, device)
     flops = sum(
-        len(inputs) * flops_per_step(t.config, inputs[0].shape[0], inputs[0].shape[1], training=False, head=_head(t))
+        len(inputs)
+        * flops_per_step(t.config, inputs[0].shape[0], inputs[0].shape[1], training=False, head=head_of(t.config))
         for t in teachers
     )
     for t in teachers:
@@ -417,7 +418,8 @@ def train(
     cache, teacher_flops = _teacher_cache(teachers or [], batcher, config, start, device)
 
     block_tokens = blocks.shape[1] * config.batch_size * config.grad_accum
-    step_flops = flops_per_step(model.config, config.batch_size * config.grad_accum, blocks.shape[1], head=_head(model))
+    micro_batch = config.batch_size * config.grad_accum
+    step_flops = flops_per_step(model.config, micro_batch, blocks.shape[1], head=head_of(model.config))
     history: list[dict[str, float]] = []
     progress = _Progress(config.steps, start, enabled=config.progress and rank == 0)
     started = window_start = time.perf_counter()
@@ -465,10 +467,6 @@ def train(
 
 def _unwrap(net: torch.nn.Module) -> LoirePreTrainedModel:
     return net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net  # type: ignore[return-value]
-
-
-def _head(model: LoirePreTrainedModel) -> str:
-    return "causal_lm" if model.config.is_causal else "masked_lm"
 
 
 class _null:
