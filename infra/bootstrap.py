@@ -116,8 +116,11 @@ def aws_clients(endpoint_url: str | None, sqs_endpoint_url: str | None, region: 
     # S3-compatible stores (SeaweedFS, MinIO, moto) rarely resolve bucket subdomains: path-style when an endpoint
     # is given; AWS itself keeps its default addressing.
     s3_config = Config(s3={"addressing_style": "path"}) if endpoint_url else None
-    s3 = boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region, config=s3_config)
-    sqs = boto3.client("sqs", endpoint_url=sqs_endpoint_url or endpoint_url or None, region_name=region)
+    # A session of its own: boto3's default session caches the first credentials it resolved in this process,
+    # and bootstrap must sign with the ones in the environment now.
+    session = boto3.session.Session()
+    s3 = session.client("s3", endpoint_url=endpoint_url or None, region_name=region, config=s3_config)
+    sqs = session.client("sqs", endpoint_url=sqs_endpoint_url or endpoint_url or None, region_name=region)
     return s3, sqs
 
 
@@ -708,7 +711,8 @@ def ensure_storage_identities(args: argparse.Namespace, log: Log) -> None:
 
     _, sqs = aws_clients(args.endpoint_url, args.sqs_endpoint_url, args.region)
     queue_arn = None if args.no_queue else _queue_arn(sqs, args.queue)
-    iam = boto3.client("iam", endpoint_url=args.iam_endpoint_url or args.endpoint_url or None, region_name=args.region)
+    iam_url = args.iam_endpoint_url or args.endpoint_url or None
+    iam = boto3.session.Session().client("iam", endpoint_url=iam_url, region_name=args.region)
     for party, policy in policies(args, queue_arn).items():
         user = party_user(party)
         if not ensure_iam_user(iam, user, log):

@@ -102,6 +102,12 @@ def _run_bootstrap(url: str, admin: tuple[str, str], keys_file: Path, capsys: py
     with pytest.MonkeyPatch.context() as mp:
         for name in [k for k in os.environ if k.startswith(("AWS_", "BOTO"))]:  # only the admin's key counts
             mp.delenv(name, raising=False)
+        # boto3's default session keeps the first credentials it resolved in a process: prime it with a stale key,
+        # as an earlier test would, so bootstrap must sign with the environment's key of now.
+        mp.setenv("AWS_ACCESS_KEY_ID", "AKIASTALE00000000000")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "stale")
+        mp.setattr(boto3, "DEFAULT_SESSION", None)
+        boto3.client("s3", region_name="us-east-1")
         mp.setenv("AWS_ACCESS_KEY_ID", admin[0])
         mp.setenv("AWS_SECRET_ACCESS_KEY", admin[1])
         mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
