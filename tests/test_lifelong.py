@@ -160,6 +160,7 @@ def test_truncated_gzip_corpus_is_one_line_saying_so_and_nothing_is_written(tmp_
 
 @pytest.mark.integration
 @pytest.mark.skipif(not (CORPORA / "wb").is_dir(), reason=f"real corpora not found under {CORPORA}")
+@pytest.mark.slow  # ~1-2 min: real WB and NEWS text; tests/test_train_real.py covers learning from real text
 def test_two_real_stages_wb_then_news(tmp_path: Path) -> None:
     """gpt-tiny on the real WB then NEWS corpora: exact growth, NEWS learned, WB within a bound."""
     schedule = schedule_preset("gpt-tiny")

@@ -139,7 +139,11 @@ CASES: list[tuple[tuple, Any, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("path", "value", "match"), CASES, ids=[f"{'.'.join(map(str, c[0]))}={c[1]!r}" for c in CASES])
+@pytest.mark.parametrize(
+    ("path", "value", "match"),
+    CASES,
+    ids=[f"{'.'.join(map(str, c[0]))}={'<deleted>' if c[1] is _DELETE else repr(c[1])}" for c in CASES],
+)
 def test_every_validation_error_names_its_field(path: tuple, value: Any, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Schedule.from_dict(_set(base(), path, value))

@@ -68,6 +68,7 @@ def test_two_domains_in_the_same_second_run_one_after_another_in_order(pipeline:
     assert [v.tags["loire.domain"] for v in versions] == ["REV", "BIO"]
 
 
+@pytest.mark.slow  # ~1 min; the library and landing tests cover malformed corpora in make test
 def test_malformed_corpus_fails_its_stage_only(pipeline: Pipeline) -> None:
     versions_before = len(pipeline.versions())
     champion_before = pipeline.champion()

@@ -311,6 +311,7 @@ def test_image_pins_torch_first_and_runs_unprivileged() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # ~1 min (a Prefect server and `prefect deploy --all`); the schema tests above stay in make test
 def test_prefect_deploy_all_creates_the_four_deployments(tmp_path: Path) -> None:
     """`prefect deploy --all` against a temporary server, as the compose bootstrap service runs it."""
     from prefect.client.orchestration import get_client

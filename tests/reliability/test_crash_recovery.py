@@ -33,6 +33,7 @@ def _wait_completed(pipeline: Pipeline, run_id: str, timeout_s: float = 300) -> 
 pipeline = pipeline_fixture(settings={"downstream_tasks": "none"}, LOIRE_STEPS=str(STEPS), LOIRE_CRASH_RESUMES="2")
 
 
+@pytest.mark.slow  # ~1-1.5 min; test_crash_resume.py covers a killed stage in make test
 def test_serve_process_killed_mid_training_recovers_by_itself(pipeline: Pipeline, tmp_path: Path) -> None:
     from prefect.automations import Automation
 

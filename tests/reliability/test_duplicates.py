@@ -68,6 +68,7 @@ def _task_runs(run_id: str, name: str) -> list[Any]:
     return [r for r in runs if r.name.startswith(name)]
 
 
+@pytest.mark.slow  # test_same_etag_… and test_pipeline::test_duplicates_… cover duplicates in make test
 def test_duplicated_notifications_start_one_stage_and_a_manual_rerun_skips(pipeline: Pipeline) -> None:
     from prefect.deployments import run_deployment
 
@@ -125,6 +126,7 @@ def test_same_etag_is_a_no_op_and_a_new_etag_is_a_new_stage(pipeline: Pipeline) 
     assert pipeline.champion() == str(second.version)
 
 
+@pytest.mark.slow  # ~1.5-2 min: three stages back to back; test_pipeline's serial test covers the order
 def test_arrivals_during_a_running_stage_wait_then_run_in_arrival_order(pipeline: Pipeline) -> None:
     pipeline.upload("REV", "2026-03")
     (a,) = pipeline.watch()

@@ -47,6 +47,7 @@ def _assert_loadable(pipeline: Pipeline, version: Any, dest: Path) -> None:
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.slow  # ~1 min; test_tracking.py::test_outage_of_the_server_is_ridden_out covers an outage in make test
 def test_stage_rides_out_a_restart_of_the_tracking_server(
     pipeline: Pipeline, mlflow_server: Any, tmp_path: Path
 ) -> None:
@@ -72,6 +73,7 @@ def test_stage_rides_out_a_restart_of_the_tracking_server(
     assert pipeline.tracker.client.get_run(version.run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow  # ~40 s of a stage; part of make test-all
 def test_orphan_version_without_artifacts_does_not_count_as_registered(pipeline: Pipeline, tmp_path: Path) -> None:
     """What a registration interrupted after `create_model_version` leaves: a version with the arrival's tags
     but no artifacts behind it. The arrival must still be processed, and end with one complete version."""

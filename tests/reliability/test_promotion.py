@@ -86,6 +86,7 @@ def _aliases(pipeline: Pipeline) -> dict[str, str]:
     return {alias: str(version) for alias, version in (model.aliases or {}).items()}
 
 
+@pytest.mark.slow  # ~1-1.5 min of concurrent readers; the gate tests below stay in make test
 def test_champion_reads_always_load_and_a_lost_upload_is_never_promoted(
     pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
