@@ -4,11 +4,15 @@ A `Schedule` is a start model (a `loire.config` preset plus `overrides`, with th
 vocabulary size) and a sequence of `StageSpec`s, one per incoming domain. Before training stage t
 the model is grown to the totals in `stage.grow` (keys among hidden, ffn, heads, layers, as in
 `loire.grow.grow`); an empty `grow` trains the current model as it is. Schedules load from YAML /
-dicts and are validated as a whole: every error is a ValueError that names the field path
-(`stages[2].grow.width: unknown dimension; allowed: hidden, ffn, heads, layers`), and the sizes are
-simulated through the stages from the preset so no stage shrinks a dimension. A target may also be
-relative to the model the stage starts from (`hidden: x1.25`, `layers: +2`; `resolve_growth`), so a
-schedule fits an arbitrary imported base model (`from-base` preset).
+dicts and are validated as a whole. Validation is by pydantic models (`_ScheduleDoc` for a mapping,
+`_Stage` for a stage; unknown keys refused, bools are not ints, numeric strings only for the numbers
+of a mapping), which also check the frozen dataclasses `StageSpec` and `Schedule` when they are built
+directly: every error is a ValueError that names the field path
+(`stages[2].grow.width: unknown dimension; allowed: hidden, ffn, heads, layers`), all of a mapping's
+field errors in one line. The sizes are then simulated through the stages from the preset so no stage
+shrinks a dimension. A target may also be relative to the model the stage starts from
+(`hidden: x1.25`, `layers: +2`; `resolve_growth`), so a schedule fits an arbitrary imported base
+model (`from-base` preset).
 
 Reasoning behind the presets and defaults:
 
@@ -46,12 +50,25 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 
 from loire.config import LAMBDA_MODES, PRESETS, LoireConfig, preset
 from loire.domains import DOMAINS  # ELLE's domain stream, in order
@@ -60,22 +77,13 @@ from loire.grow import OPERATORS
 
 logger = logging.getLogger(__name__)
 
-DIMENSIONS: tuple[str, ...] = tuple(OPERATORS)  # hidden, ffn, heads, layers
+_M = TypeVar("_M", bound=BaseModel)
 
-_STAGE_REQUIRED = ("domain", "steps", "lr", "batch_size", "block_size")
-_STAGE_DEFAULTS: dict[str, Any] = {
-    "grow": {},
-    "warmup_steps": 0,
-    "distill_steps": 0,
-    "beta": None,
-    "temperature": 1.0,
-    "max_train_tokens": None,
-    "plan": False,
-    "flops_budget": None,
-}
+DIMENSIONS: tuple[str, ...] = tuple(OPERATORS)  # hidden, ffn, heads, layers
+_DIMS = ", ".join(DIMENSIONS)
+
 # Stage fields written to a record only when set (records of schedules without them stay as they were).
 _OPTIONAL_STAGE_FIELDS = {"plan": False, "flops_budget": None}
-_SCHEDULE_KEYS = ("preset", "stages", "seed", "lambda_mode", "tokenizer_vocab_size", "overrides", "defaults")
 # Config fields a schedule sets itself, so `overrides` may not.
 _RESERVED_OVERRIDES = {
     "vocab_size": "set tokenizer_vocab_size instead",
@@ -85,96 +93,212 @@ _RESERVED_OVERRIDES = {
 }
 
 
+# ---------------------------------------------------------------------- validation
+# pydantic models check each field alone (and the two rules within a stage); the checks that need the
+# simulated sizes stay in `Schedule._simulate`. Every validator raises the project's own message, so a
+# ValidationError becomes `<field path>: <message>` by prefixing the path (`_validated`).
+
+
 def _fail(path: str, message: str) -> NoReturn:
     raise ValueError(f"{path}: {message}")
 
 
-def _int(path: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(path, f"must be an int >= {minimum}, got {value!r}")
+def _int(value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:  # bools are not counts
+        raise ValueError(f"must be an int >= {minimum}, got {value!r}")
     return value
 
 
-def _number(path: str, value: Any, *, positive: bool, lenient: bool = False) -> float:
-    """A finite float (> 0 or >= 0); with `lenient`, numeric strings (PyYAML reads 1e-3 as one) are accepted."""
-    if lenient and isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            _fail(path, f"must be a number, got {value!r}")
+def _at_least(minimum: int) -> PlainValidator:
+    return PlainValidator(lambda value: _int(value, minimum))
+
+
+def _number(*, positive: bool) -> PlainValidator:
+    """A finite float (> 0 or >= 0); numeric strings too where the context says `lenient` (PyYAML reads 1e-3 as one)."""
     bound = "> 0" if positive else ">= 0"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(path, f"must be a finite number {bound}, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        _fail(path, f"must be a finite number {bound}, got {value!r}")
-    return float(value)
+
+    def check(value: Any, info: ValidationInfo) -> float:
+        if isinstance(value, str) and (info.context or {}).get("lenient"):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"must be a number, got {value!r}") from None
+        number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or not (value > 0 if positive else value >= 0):
+            raise ValueError(f"must be a finite number {bound}, got {value!r}")
+        return float(value)
+
+    return PlainValidator(check)
 
 
-def _check_stage(values: Mapping[str, Any], path: str, *, lenient: bool = False) -> dict[str, Any]:
-    """Validate one stage's fields (context-free checks) and return them normalised."""
-    out = dict(values)
-    domain = values["domain"]
-    if not isinstance(domain, str) or not domain.strip():
-        _fail(f"{path}.domain", f"must be a non-empty str, got {domain!r}")
-    grow = values["grow"]
-    if grow is None:
-        grow = {}
-    if not isinstance(grow, Mapping):
-        _fail(f"{path}.grow", f"must map a dimension ({', '.join(DIMENSIONS)}) to its new total, got {grow!r}")
-    for key in grow:
-        if key not in DIMENSIONS:
-            _fail(f"{path}.grow.{key}", f"unknown dimension; allowed: {', '.join(DIMENSIONS)}")
-    # canonical order; relative targets normalised ("x1.25", "+2")
-    out["grow"] = {key: _check_target(f"{path}.grow.{key}", grow[key]) for key in DIMENSIONS if key in grow}
-    steps = _int(f"{path}.steps", values["steps"], 1)
-    for name in ("warmup_steps", "distill_steps"):
-        if _int(f"{path}.{name}", values[name], 0) > steps:
-            _fail(f"{path}.{name}", f"must be <= steps ({steps}), got {values[name]}")
-    beta = values["beta"]
-    if beta is not None:
-        if isinstance(beta, (str, bytes, Mapping)) or not isinstance(beta, Sequence):
-            _fail(f"{path}.beta", f"must be null (uniform) or a list of weights >= 0, got {beta!r}")
-        out["beta"] = tuple(
-            _number(f"{path}.beta[{j}]", b, positive=False, lenient=lenient) for j, b in enumerate(beta)
-        )
-    out["temperature"] = _number(f"{path}.temperature", values["temperature"], positive=True, lenient=lenient)
-    out["lr"] = _number(f"{path}.lr", values["lr"], positive=True, lenient=lenient)
-    _int(f"{path}.batch_size", values["batch_size"], 1)
-    _int(f"{path}.block_size", values["block_size"], 2)
-    if values["max_train_tokens"] is not None:
-        _int(f"{path}.max_train_tokens", values["max_train_tokens"], 1)
-    if not isinstance(values["plan"], bool):
-        _fail(f"{path}.plan", f"must be true (the growth planner decides) or false, got {values['plan']!r}")
-    if values["plan"] and out["grow"]:
-        _fail(f"{path}.plan", "the growth planner decides the growth: leave grow empty or set plan: false")
-    if values["flops_budget"] is not None:
-        out["flops_budget"] = _number(f"{path}.flops_budget", values["flops_budget"], positive=True, lenient=lenient)
-    return out
+def _one_of(what: str, allowed: Collection[str]) -> PlainValidator:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or value not in allowed:
+            raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+        return value
+
+    return PlainValidator(check)
+
+
+def _is_list(value: Any) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes)
+
+
+def _domain(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must be a non-empty str, got {value!r}")
+    return value
+
+
+def _grow_mapping(value: Any) -> Any:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"must map a dimension ({_DIMS}) to its new total, got {value!r}")
+    return dict(value)
+
+
+def _dimension(key: Any) -> str:
+    if key not in DIMENSIONS:
+        raise ValueError(f"unknown dimension; allowed: {_DIMS}")
+    return key
 
 
 _RELATIVE = re.compile(r"^\s*([x*+])\s*(\d+(?:\.\d*)?)\s*$")
 
 
-def _check_target(path: str, target: Any) -> int | str:
+def _target(target: Any) -> int | str:
     """An absolute total (int >= 1) or a target relative to the model the stage starts from:
-    a ratio "x1.25" (>= 1) or an increment "+2" (an int >= 0)."""
-    if isinstance(target, str):
-        match = _RELATIVE.match(target)
-        if match is None:
-            _fail(
-                path,
-                f"must be a new total (int >= 1), a ratio such as 'x1.25' or an increment such as '+2'; got {target!r}",
-            )
-        op, number = match.group(1), match.group(2)
-        if op == "+":
-            if "." in number:
-                _fail(path, f"an increment must be a whole number, got {target!r}")
-            return f"+{int(number)}"
-        ratio = float(number)
-        if ratio < 1.0:
-            _fail(path, f"a ratio must be >= 1 (growth only adds), got {target!r}")
-        return f"x{ratio:g}"
-    return _int(path, target, 1)
+    a ratio "x1.25" (>= 1) or an increment "+2" (an int >= 0); relative ones normalised."""
+    if not isinstance(target, str):
+        return _int(target, 1)
+    match = _RELATIVE.match(target)
+    if match is None:
+        raise ValueError(
+            f"must be a new total (int >= 1), a ratio such as 'x1.25' or an increment such as '+2'; got {target!r}"
+        )
+    op, number = match.groups()
+    if op == "+":
+        if "." in number:
+            raise ValueError(f"an increment must be a whole number, got {target!r}")
+        return f"+{int(number)}"
+    if float(number) < 1.0:
+        raise ValueError(f"a ratio must be >= 1 (growth only adds), got {target!r}")
+    return f"x{float(number):g}"
+
+
+def _weights(value: Any) -> Any:
+    if value is not None and not _is_list(value):
+        raise ValueError(f"must be null (uniform) or a list of weights >= 0, got {value!r}")
+    return value
+
+
+def _plan(value: Any) -> bool:
+    if not isinstance(value, bool):  # not 0 / 1 / "yes": a typo should not switch the planner on
+        raise ValueError(f"must be true (the growth planner decides) or false, got {value!r}")
+    return value
+
+
+_Int0 = Annotated[int, _at_least(0)]
+_Int1 = Annotated[int, _at_least(1)]
+_Int2 = Annotated[int, _at_least(2)]
+_Positive = Annotated[float, _number(positive=True)]
+_NonNegative = Annotated[float, _number(positive=False)]
+# Canonical order (hidden, ffn, heads, layers) whatever order the mapping gives.
+_Grow = Annotated[
+    dict[Annotated[str, PlainValidator(_dimension)], Annotated[int | str, PlainValidator(_target)]],
+    BeforeValidator(_grow_mapping),
+    AfterValidator(lambda grow: {key: grow[key] for key in DIMENSIONS if key in grow}),
+]
+
+
+class _Stage(BaseModel):
+    """A stage's fields (`StageSpec`'s, in its order and with its defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    domain: Annotated[str, PlainValidator(_domain)]
+    grow: _Grow = Field(default_factory=dict)
+    steps: _Int1
+    warmup_steps: _Int0 = 0
+    distill_steps: _Int0 = 0
+    beta: Annotated[tuple[_NonNegative, ...] | None, BeforeValidator(_weights)] = None
+    temperature: _Positive = 1.0
+    lr: _Positive
+    batch_size: _Int1
+    block_size: _Int2
+    max_train_tokens: _Int1 | None = None
+    plan: Annotated[bool, PlainValidator(_plan)] = False
+    flops_budget: _Positive | None = None
+
+    @field_validator("warmup_steps", "distill_steps")
+    @classmethod
+    def _within_steps(cls, value: int, info: ValidationInfo) -> int:
+        steps = info.data.get("steps")  # absent when steps itself failed
+        if steps is not None and value > steps:
+            raise ValueError(f"must be <= steps ({steps}), got {value}")
+        return value
+
+    @field_validator("plan")
+    @classmethod
+    def _plan_or_grow(cls, plan: bool, info: ValidationInfo) -> bool:
+        if plan and info.data.get("grow"):
+            raise ValueError("the growth planner decides the growth: leave grow empty or set plan: false")
+        return plan
+
+
+def _unknown_keys(keys: Sequence[Any], model: type[BaseModel]) -> str:
+    return f"unknown key(s) {list(keys)}; allowed: {', '.join(model.model_fields)}"
+
+
+def _path(root: str, loc: Sequence[int | str]) -> str:
+    """`stages[2].grow.width` from pydantic's loc ("stages", 2, "grow", "width"), below `root`."""
+    path = root
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else part
+    return path or "schedule"
+
+
+def _reason(error: ErrorDetails) -> str:
+    if error["type"] == "missing":
+        return "required"
+    if error["type"] == "model_type":
+        return f"must be a mapping, got {type(error['input']).__name__}"
+    return error["msg"].removeprefix("Value error, ")  # our validators' own messages
+
+
+def _message(exc: ValidationError, model: type[BaseModel], root: str) -> str:
+    """One line: every error as `<field path>: <message>`, in pydantic's order; a mapping's unknown keys
+    together, against the allowed keys of `model` (the top level) or of a stage (deeper)."""
+    reasons: dict[str, str] = {}
+    unknown: dict[str, list[Any]] = {}
+    for error in exc.errors():
+        loc = [part for part in error["loc"] if part != "[key]"]  # a dict key's error names the key itself
+        if error["type"] == "extra_forbidden":
+            *parent, key = loc
+            path = _path(root, parent)
+            unknown.setdefault(path, []).append(key)
+            reasons[path] = _unknown_keys(unknown[path], _Stage if parent else model)
+        else:
+            reasons[_path(root, loc)] = _reason(error)
+    return "; ".join(f"{path}: {reason}" for path, reason in reasons.items())
+
+
+def _validated(model: type[_M], data: Any, root: str, *, lenient: bool = False) -> _M:
+    """`data` validated by `model`; a ValidationError becomes a ValueError naming the fields below `root`."""
+    try:
+        return model.model_validate(data, context={"lenient": lenient})
+    except ValidationError as exc:
+        raise ValueError(_message(exc, model, root)) from None
+
+
+def _validate_fields(instance: Any, model: type[BaseModel], root: str) -> None:
+    """Check a frozen dataclass's fields with `model` and store them normalised (lr 1 -> 1.0, beta list -> tuple).
+    A dataclass field the model lacks is refused as an unknown key, so the two cannot drift apart unnoticed."""
+    values = {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance) if f.init}
+    valid = _validated(model, values, root)
+    for name in values:
+        object.__setattr__(instance, name, getattr(valid, name))
 
 
 def resolve_growth(grow: Mapping[str, int | str], config: LoireConfig, path: str = "grow") -> dict[str, int]:
@@ -189,7 +313,10 @@ def resolve_growth(grow: Mapping[str, int | str], config: LoireConfig, path: str
     for name, target in grow.items():
         config_field = OPERATORS[name][1]
         current = getattr(config, config_field)
-        value = _check_target(f"{path}.{name}", target)
+        try:
+            value = _target(target)
+        except ValueError as err:
+            raise ValueError(f"{path}.{name}: {err}") from None
         if isinstance(value, str) and value.startswith("+"):
             step = int(value[1:])
             if name == "hidden" and step % config.head_dim:
@@ -206,17 +333,6 @@ def resolve_growth(grow: Mapping[str, int | str], config: LoireConfig, path: str
             _fail(f"{path}.{name}", f"{value} would shrink {config_field} from {current}; growth only adds")
         out[name] = value
     return out
-
-
-def _check_keys(data: Any, path: str, allowed: Sequence[str], required: Sequence[str]) -> None:
-    if not isinstance(data, Mapping):
-        _fail(path, f"must be a mapping, got {type(data).__name__}")
-    unknown = [k for k in data if k not in allowed]
-    if unknown:
-        _fail(path, f"unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
-    for key in required:
-        if key not in data:
-            _fail(f"{path}.{key}" if path != "schedule" else key, "required")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -252,17 +368,12 @@ class StageSpec:
     flops_budget: float | None = None
 
     def __post_init__(self) -> None:
-        values = _check_stage({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "StageSpec")
-        for name, value in values.items():
-            object.__setattr__(self, name, value)
+        _validate_fields(self, _Stage, "StageSpec")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], path: str = "stage") -> StageSpec:
-        """A stage from a mapping; errors name `path` (e.g. "stages[2]") and the field."""
-        fields = [f.name for f in dataclasses.fields(cls)]
-        _check_keys(data, path, fields, _STAGE_REQUIRED)
-        values = _check_stage({**_STAGE_DEFAULTS, **data}, path, lenient=True)
-        return cls(**values)
+        """A stage from a mapping (numbers may be numeric strings); errors name `path` ("stages[2]") and the field."""
+        return cls(**_validated(_Stage, data, path, lenient=True).model_dump())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (lists, dicts, numbers), ready for YAML or JSON."""
@@ -273,6 +384,72 @@ class StageSpec:
             if out[name] == default:
                 del out[name]
         return out
+
+
+def _stage_list(value: Any) -> Any:
+    if not _is_list(value):
+        raise ValueError("must be a list of stages")
+    if not value:
+        raise ValueError("must hold at least one stage")
+    return value
+
+
+def _stage_spec(value: Any) -> StageSpec:
+    if not isinstance(value, StageSpec):
+        raise ValueError(f"must be a StageSpec, got {type(value).__name__}")
+    return value
+
+
+def _overrides(value: Any) -> dict[str, Any]:
+    if value is None:  # `overrides:` left empty in YAML
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"must map LoireConfig fields to values, got {value!r}")
+    return dict(value)
+
+
+def _defaults(value: Any) -> dict[str, Any]:
+    """Stage fields only; their values are checked in each stage they fill."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"must be a mapping, got {type(value).__name__}")
+    unknown = [key for key in value if key not in _Stage.model_fields]
+    if unknown:
+        raise ValueError(_unknown_keys(unknown, _Stage))
+    return dict(value)
+
+
+class _ScheduleFields(BaseModel):
+    """`Schedule`'s fields (the stages as built `StageSpec`s); the sizes are checked by `Schedule._simulate`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Annotated[str, _one_of("preset", tuple(PRESETS))]
+    stages: Annotated[tuple[Annotated[StageSpec, PlainValidator(_stage_spec)], ...], BeforeValidator(_stage_list)]
+    seed: _Int0 = 0
+    lambda_mode: Annotated[str, _one_of("mode", LAMBDA_MODES)] = "scheduled"
+    tokenizer_vocab_size: _Int2 = 4096
+    overrides: Annotated[dict[str, Any], PlainValidator(_overrides)] = Field(default_factory=dict)
+
+
+class _ScheduleDoc(_ScheduleFields):
+    """A schedule as a mapping (YAML): the stages as mappings, `defaults` filling the fields a stage leaves out."""
+
+    stages: Annotated[list[_Stage], BeforeValidator(_stage_list)]  # type: ignore[assignment]
+    defaults: Annotated[dict[str, Any], PlainValidator(_defaults)] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_stages(cls, data: Any) -> Any:
+        if not (
+            isinstance(data, Mapping) and isinstance(data.get("defaults"), Mapping) and _is_list(data.get("stages"))
+        ):
+            return data  # nothing to fill; the fields' validators say what is wrong
+        # unknown keys are reported once, at `defaults`, not again in every stage
+        known = {key: value for key, value in data["defaults"].items() if key in _Stage.model_fields}
+        stages = [{**known, **stage} if isinstance(stage, Mapping) else stage for stage in data["stages"]]
+        return {**data, "stages": stages}
 
 
 @dataclass(frozen=True)
@@ -292,23 +469,7 @@ class Schedule:
     _configs: tuple[LoireConfig, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            _fail("preset", f"unknown preset {self.preset!r}; allowed: {', '.join(PRESETS)}")
-        if isinstance(self.stages, (str, bytes, Mapping)) or not isinstance(self.stages, Sequence):
-            _fail("stages", "must be a list of stages")
-        object.__setattr__(self, "stages", tuple(self.stages))
-        if not self.stages:
-            _fail("stages", "must hold at least one stage")
-        for i, stage in enumerate(self.stages):
-            if not isinstance(stage, StageSpec):
-                _fail(f"stages[{i}]", f"must be a StageSpec, got {type(stage).__name__}")
-        _int("seed", self.seed, 0)
-        if self.lambda_mode not in LAMBDA_MODES:
-            _fail("lambda_mode", f"unknown mode {self.lambda_mode!r}; allowed: {', '.join(LAMBDA_MODES)}")
-        _int("tokenizer_vocab_size", self.tokenizer_vocab_size, 2)
-        if not isinstance(self.overrides, Mapping):
-            _fail("overrides", f"must map LoireConfig fields to values, got {self.overrides!r}")
-        object.__setattr__(self, "overrides", dict(self.overrides))
+        _validate_fields(self, _ScheduleFields, "")
         object.__setattr__(self, "_configs", self._simulate())
 
     def _initial(self) -> LoireConfig:
@@ -390,22 +551,11 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Schedule:
-        """A schedule from a mapping; an optional `defaults` mapping fills fields each stage leaves out."""
-        _check_keys(data, "schedule", _SCHEDULE_KEYS, ("preset", "stages"))
-        defaults = data.get("defaults") or {}
-        stage_fields = [f.name for f in dataclasses.fields(StageSpec)]
-        _check_keys(defaults, "defaults", stage_fields, ())
-        raw_stages = data["stages"]
-        if isinstance(raw_stages, (str, bytes, Mapping)) or not isinstance(raw_stages, Sequence):
-            _fail("stages", "must be a list of stages")
-        stages = []
-        for i, raw in enumerate(raw_stages):
-            _check_keys(raw, f"stages[{i}]", stage_fields, ())
-            stages.append(StageSpec.from_dict({**defaults, **raw}, path=f"stages[{i}]"))
-        kwargs = {k: data[k] for k in ("seed", "lambda_mode", "tokenizer_vocab_size") if k in data}
-        overrides = data.get("overrides")
-        overrides = {} if overrides is None else overrides
-        return cls(preset=data["preset"], stages=tuple(stages), overrides=overrides, **kwargs)
+        """A schedule from a mapping (numbers may be numeric strings); an optional `defaults` mapping fills
+        fields each stage leaves out."""
+        doc = _validated(_ScheduleDoc, data, "", lenient=True)
+        stages = tuple(StageSpec(**stage.model_dump()) for stage in doc.stages)
+        return cls(**doc.model_dump(exclude={"stages", "defaults"}), stages=stages)
 
     @classmethod
     def from_yaml(cls, path_or_text: str | os.PathLike[str]) -> Schedule:

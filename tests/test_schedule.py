@@ -149,6 +149,50 @@ def test_every_validation_error_names_its_field(path: tuple, value: Any, match: 
         Schedule.from_dict(_set(base(), path, value))
 
 
+def test_every_field_error_of_a_yaml_is_reported_in_one_line() -> None:
+    data = _set(base(), ("stages", 1, "steps"), True)
+    data = _set(data, ("stages", 3, "grow", "width"), 2)
+    data["stages"][4].update(stepz=1, lr_decay=0.5)  # a mapping's unknown keys come together
+    data["color"] = "red"
+    with pytest.raises(ValueError) as err:
+        Schedule.from_yaml(yaml.safe_dump(data, sort_keys=False))
+    assert str(err.value) == (
+        "stages[1].steps: must be an int >= 1, got True; "
+        "stages[3].grow.width: unknown dimension; allowed: hidden, ffn, heads, layers; "
+        "stages[4]: unknown key(s) ['stepz', 'lr_decay']; allowed: domain, grow, steps, warmup_steps, "
+        "distill_steps, beta, temperature, lr, batch_size, block_size, max_train_tokens, plan, flops_budget; "
+        "schedule: unknown key(s) ['color']; allowed: preset, stages, seed, lambda_mode, tokenizer_vocab_size, "
+        "overrides, defaults"
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "match"),
+    [
+        (("stages", 1, "batch_size"), True, r"^stages\[1\]\.batch_size: must be an int >= 1, got True$"),
+        (("stages", 1, "steps"), "10", r"^stages\[1\]\.steps: must be an int >= 1, got '10'$"),  # ints stay strict
+        (("stages", 1, "plan"), 1, r"^stages\[1\]\.plan: must be true \(.*\) or false, got 1$"),
+        (("stages", 2, "beta"), [True, 0.5], r"^stages\[2\]\.beta\[0\]: must be a finite number >= 0, got True$"),
+        (("stages", 2, "temperature"), "nan", r"^stages\[2\]\.temperature: must be a finite number > 0, got nan$"),
+    ],
+)
+def test_bools_are_not_numbers_and_ints_are_not_strings(path: tuple, value: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Schedule.from_dict(_set(base(), path, value))
+
+
+def test_numeric_strings_are_numbers_in_a_mapping_only() -> None:
+    data = _set(_set(base(), ("stages", 1, "lr"), "5e-4"), ("stages", 2, "beta"), ["0.25", 0.75])
+    s = Schedule.from_dict(data)
+    assert s.stages[1].lr == 5e-4 and s.stages[2].beta == (0.25, 0.75)
+    stage = {"domain": "WB", "steps": 2, "lr": "1e-3", "batch_size": 2, "block_size": 8}
+    assert StageSpec.from_dict(stage).lr == 1e-3
+    with pytest.raises(ValueError, match=r"^StageSpec\.lr: must be a finite number > 0, got '1e-3'$"):
+        StageSpec(**stage)
+    with pytest.raises(ValueError, match=r"^stages\[7\]: unknown key\(s\) \['lr_decay'\]"):
+        StageSpec.from_dict({**stage, "lr_decay": 0.5}, path="stages[7]")
+
+
 def test_growth_to_the_current_size_is_allowed() -> None:
     data = _set(base(), ("stages", 3, "grow", "hidden"), 128)  # no-op target equal to the current size
     assert dims(Schedule.from_dict(data).config_at(3)) == (128, 512, 4, 2)
