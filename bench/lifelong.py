@@ -61,33 +61,36 @@ MAIN = ["loire", "loire-er", "fixed-small", "fixed-large", "retrain", "token-kd"
 # `replay` and `loire-er` use, so growth + distillation is compared with ELLE at equal replay.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "elle-er": ("elle", {"replay_ratio": REPLAY_RATIO}),
-    # what carries `loire` (one change at a time against the default)
-    "loire-nokd": ("loire", {"distill": "none"}),
-    "loire-kdfull": ("loire", {"distill_fraction": None}),
-    "loire-noreplay": ("loire", {"replay_ratio": 0.0, "distill_fraction": None}),
-    "loire-r10": ("loire", {"replay_ratio": 0.1, "distill_fraction": None}),
-    "loire-r10-nokd": ("loire", {"replay_ratio": 0.1, "distill": "none"}),
-    "loire-split": ("loire", {"growth_init": "split"}),
+    # `loire` before its free parameters moved to std 0.1 (the runs under runs/loire-std0.02/ were made
+    # as `loire` then; their strategy_fields say growth_free_std None)
+    "loire-std0.02": ("loire", {"growth_free_std": None}),
+    # what carries `loire` (one change at a time against the default it was measured against: the
+    # 0.02 one, pinned so the runs on file keep their meaning)
+    "loire-nokd": ("loire", {"distill": "none", "growth_free_std": None}),
+    "loire-kdfull": ("loire", {"distill_fraction": None, "growth_free_std": None}),
+    "loire-noreplay": ("loire", {"replay_ratio": 0.0, "distill_fraction": None, "growth_free_std": None}),
+    "loire-r10": ("loire", {"replay_ratio": 0.1, "distill_fraction": None, "growth_free_std": None}),
+    "loire-r10-nokd": ("loire", {"replay_ratio": 0.1, "distill": "none", "growth_free_std": None}),
+    "loire-split": ("loire", {"growth_init": "split", "growth_free_std": None}),
     # exact growth whose free ("any value") parameters start at std 0.1 instead of 0.02 (the lever that
-    # bench/forgetting_levers.py found at stage 2: random new parameters learn faster than exact ones)
+    # bench/forgetting_levers.py found at stage 2): the variant that became `loire`'s default, identical
+    # to `loire` now (its runs were moved to runs/loire/, each with a note)
     "loire-free0.1": ("loire", {"growth_free_std": 0.1}),
 }
 ABLATION = ["loire", "loire-zero", "loire-random"]
 # The `long` benchmark's run order (what `--budget long` runs when neither --runs nor --strategies is
-# given): seed 0 of `loire` and its rivals at the replay memory of a half first (the runs at a tenth are
-# kept under runs-mem10/), then the contenders' seeds for mean ± std, the operator ablation, `retrain`
-# (about 4 h on one thread: it retrains on everything seen at every stage), the remaining seeds and the
-# one-change variants of `loire`. Finished runs are skipped. At ~1 h per run and two at once, what fits
-# two sessions is the first two groups; the rest is listed so a later session continues in this order.
+# given). Finished runs are skipped, so a later session continues in this order. Done first: seed 0 of
+# every strategy, then `loire-free0.1`'s seeds (which made it `loire`: its runs are under runs/loire/,
+# the old default's under runs/loire-std0.02/). Next: the contenders' third seeds for mean ± std, the
+# operator ablation's seeds, `retrain` (about 4 h on one thread: it retrains on everything seen at
+# every stage), the remaining seeds and the one-change variants. About 30 min per run here, two at once.
 PLANNED_LONG = [
-    ("loire-free0.1", 1),  # the candidate default (AP 79.4 on seed 0): its seeds first
-    ("loire-free0.1", 2),
-    *[(n, 0) for n in ["loire", "elle-er", "replay", "loire-er", "loire-nokd", "elle", "loire-zero", "loire-random"]],
-    *[(n, s) for s in (1, 2) for n in ["loire", "elle-er", "replay"]],
+    *[(n, s) for s in (1, 2) for n in ["loire", "elle-er", "replay", "loire-er"]],
+    *[(n, s) for s in (1, 2) for n in ["loire-zero", "loire-random", "loire-std0.02"]],
     ("retrain", 0),
     *[(n, 0) for n in ["fixed-large", "token-kd", "fixed-small", "loire-noreplay", "loire-kdfull"]],
-    *[(n, s) for s in (1, 2) for n in ["loire-er", "fixed-large", "elle", "token-kd", "fixed-small", "retrain"]],
-    *[(n, s) for s in (1, 2) for n in ["loire-zero", "loire-random", "loire-nokd"]],
+    *[(n, s) for s in (1, 2) for n in ["fixed-large", "elle", "token-kd", "fixed-small", "retrain"]],
+    *[(n, s) for s in (1, 2) for n in ["loire-nokd"]],
     *[(n, 0) for n in ["loire-r10", "loire-r10-nokd", "loire-split"]],
 ]
 # The issue's comparison set for LOIRE's last-stage AP: every strategy except retrain.

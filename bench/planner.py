@@ -1,12 +1,14 @@
 """The growth planner against the paper's ladder and its reverse, at the same FLOPs (report only).
 
 Usage:
-    python bench/lifelong.py --budget short-planned --strategies loire --seeds 0,1,2   # the runs
-    python bench/lifelong.py --budget short-reverse --strategies loire --seeds 0,1,2
-    python bench/lifelong.py --budget short --strategies loire --seeds 0,1,2           # the ladder
-    python bench/planner.py --budget short                                             # this report
+    python bench/lifelong.py --budget short-planned --strategies loire-std0.02 --seeds 0,1,2   # the runs
+    python bench/lifelong.py --budget short-reverse --strategies loire-std0.02 --seeds 0,1,2
+    python bench/lifelong.py --budget short --strategies loire-std0.02 --seeds 0,1,2           # the ladder
+    python bench/planner.py --budget short                                                     # this report
 
-Reads the `loire` run files of the three budgets (`bench/results/lifelong/<budget>/runs/loire/`), and
+The three schedules share one strategy, `loire-std0.02` (`loire` as it was when these runs were made,
+before its free parameters moved to std 0.1; `--strategy` picks another once it has runs in all three).
+Reads its run files in the three budgets (`bench/results/lifelong/<budget>/runs/<strategy>/`), and
 writes `bench/results/planner-<budget>.md`, `.json` and `.png`: last-stage AP and AP+ per stage (mean ±
 std over the seeds present), total FLOPs against the ladder's (the planned and reverse schedules give
 every stage the ladder's FLOP budget, so they should land within ±5%), and the growth chosen at every
@@ -26,10 +28,13 @@ RESULTS = ROOT / "bench" / "results"
 SCHEDULES = {"ladder": "", "planned": "-planned", "reverse": "-reverse"}
 
 
-def load_runs(budget: str) -> list[dict[str, Any]]:
+STRATEGY = "loire-std0.02"
+
+
+def load_runs(budget: str, strategy: str = STRATEGY) -> list[dict[str, Any]]:
     rows = []
     for name, suffix in SCHEDULES.items():
-        for path in sorted((RESULTS / "lifelong" / f"{budget}{suffix}" / "runs" / "loire").glob("seed*.json")):
+        for path in sorted((RESULTS / "lifelong" / f"{budget}{suffix}" / "runs" / strategy).glob("seed*.json")):
             run = json.loads(path.read_text())
             rows.append({"schedule": name, "seed": run["seed"], "run": run})
     return rows
@@ -66,10 +71,10 @@ def summarise(rows: list[dict[str, Any]]):
     return frame, stats
 
 
-def render(budget: str, frame, stats) -> str:
+def render(budget: str, frame, stats, strategy: str = STRATEGY) -> str:
     ladder_flops = stats.loc["ladder", ("total_flops", "mean")] if "ladder" in stats.index else None
     lines = [
-        f"# Growth planner vs the ladder and its reverse (`{budget}` budget, strategy `loire`)",
+        f"# Growth planner vs the ladder and its reverse (`{budget}` budget, strategy `{strategy}`)",
         "",
         "Same five domains (WB → NEWS → REV → BIO → CS), same strategy and settings; the planned and reverse "
         "schedules give every stage the ladder's FLOP budget (probes included). Mean ± std over the seeds run "
@@ -131,12 +136,14 @@ def plot(budget: str, rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", choices=["short", "long"], default="short")
+    parser.add_argument("--strategy", default=STRATEGY, help=f"whose runs to compare (default {STRATEGY})")
     args = parser.parse_args(argv)
-    rows = load_runs(args.budget)
+    rows = load_runs(args.budget, args.strategy)
     if not rows:
-        sys.exit(f"no loire runs under bench/results/lifelong/{args.budget}{{,-planned,-reverse}}/runs/loire/")
+        where = f"bench/results/lifelong/{args.budget}{{,-planned,-reverse}}/runs/{args.strategy}/"
+        sys.exit(f"no {args.strategy} runs under {where}")
     frame, stats = summarise(rows)
-    (RESULTS / f"planner-{args.budget}.md").write_text(render(args.budget, frame, stats))
+    (RESULTS / f"planner-{args.budget}.md").write_text(render(args.budget, frame, stats, args.strategy))
     (RESULTS / f"planner-{args.budget}.json").write_text(frame.to_json(orient="records", indent=2))
     plot(args.budget, rows, RESULTS / f"planner-{args.budget}.png")
     print((RESULTS / f"planner-{args.budget}.md").read_text())

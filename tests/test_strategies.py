@@ -8,7 +8,7 @@ import torch
 from loire.lifelong import _grow_exact, teacher_betas
 from loire.metrics import max_abs_logit_diff
 from loire.model import LoireForCausalLM
-from loire.strategies import DISTILL_FRACTION, REPLAY_RATIO, STRATEGIES
+from loire.strategies import DISTILL_FRACTION, GROWTH_FREE_STD, REPLAY_RATIO, STRATEGIES
 from tests.conftest import tiny_config
 
 
@@ -30,6 +30,7 @@ def test_the_default_loire_replays_and_distils_briefly() -> None:
     loire = STRATEGIES["loire"]
     assert (loire.growth, loire.distill, loire.replay_ratio) == ("exact", "all", REPLAY_RATIO)
     assert loire.distill_fraction == DISTILL_FRACTION
+    assert loire.growth_free_std == GROWTH_FREE_STD  # exact growth, free values drawn wider than the init range
     # the operator ablation is the same schedule with only the growth changed
     for name, growth in (("loire-zero", "zero"), ("loire-random", "random")):
         assert dataclasses.replace(STRATEGIES[name], name="loire", growth="exact") == loire
@@ -42,7 +43,8 @@ def test_exact_growth_with_larger_free_parameters_stays_exact() -> None:
     model = LoireForCausalLM(tiny_config("gpt-tiny")).double().eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     wide = dataclasses.replace(STRATEGIES["loire"], growth_free_std=0.5)
-    base = _grow_exact(model, {"hidden": 26, "ffn": 48}, 3, STRATEGIES["loire"])
+    at_init_range = dataclasses.replace(STRATEGIES["loire"], growth_free_std=None)
+    base = _grow_exact(model, {"hidden": 26, "ffn": 48}, 3, at_init_range)
     grown = _grow_exact(model, {"hidden": 26, "ffn": 48}, 3, wide)
     assert max_abs_logit_diff(model, grown, ids) < 1e-10
     assert grown.config.initializer_range == model.config.initializer_range
