@@ -83,8 +83,15 @@ def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def generate(root: str | Path, *, documents: int = 400, task_examples: int = 120, seed: int = 0) -> Path:
-    """Write the five corpora, five downstream tasks and `tasks.yaml` under `root`; returns `root`."""
+def generate(
+    root: str | Path, *, documents: int = 400, task_examples: int = 120, eval_examples: int | None = None, seed: int = 0
+) -> Path:
+    """Write the five corpora, five downstream tasks and `tasks.yaml` under `root`; returns `root`.
+
+    Each task has `task_examples` training rows and `eval_examples` dev and test rows each (default a
+    third of the training rows).
+    """
+    held_out = task_examples // 3 if eval_examples is None else eval_examples
     out = Path(root)
     catalogue: dict[str, object] = {"version": 1, "tasks": {}}
     for index, domain in enumerate(DOMAINS):
@@ -93,7 +100,7 @@ def generate(root: str | Path, *, documents: int = 400, task_examples: int = 120
         docs = [{"text": _document(rng, domain, rng.choice(topics), rng.randint(3, 8))} for _ in range(documents)]
         _write_jsonl(out / "corpora" / domain.lower() / "train.jsonl", docs)
         task = f"{domain.lower()}_topic"
-        for split, n in (("train", task_examples), ("dev", task_examples // 3), ("test", task_examples // 3)):
+        for split, n in (("train", task_examples), ("dev", held_out), ("test", held_out)):
             rows = []
             for _ in range(n):
                 topic = rng.choice(topics)

@@ -31,6 +31,10 @@ def test_corpora_and_tasks_load(tmp_path: Path) -> None:
     data = load_task_data(catalogue["cs_topic"], root)
     assert (len(data.train), len(data.dev), len(data.test)) == (30, 10, 10)
     assert {e.label for e in data.train} <= {0, 1, 2}
+    # the demo asks for larger held-out splits than a third of the training rows (flows/demo.py says why)
+    wide = generate(tmp_path / "wide", documents=6, task_examples=30, eval_examples=45)
+    held = load_task_data(load_catalogue(wide / "tasks.yaml")["cs_topic"], wide)
+    assert (len(held.train), len(held.dev), len(held.test)) == (30, 45, 45)
 
 
 def test_domains_have_distinct_vocabularies(tmp_path: Path) -> None:
