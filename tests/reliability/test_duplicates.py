@@ -68,7 +68,7 @@ def _task_runs(run_id: str, name: str) -> list[Any]:
     return [r for r in runs if r.name.startswith(name)]
 
 
-@pytest.mark.slow  # test_same_etag_… and test_pipeline::test_duplicates_… cover duplicates in make test
+@pytest.mark.slow  # make test covers duplicates in test_pipeline::test_duplicates_… (same bytes, SQS twice)
 def test_duplicated_notifications_start_one_stage_and_a_manual_rerun_skips(pipeline: Pipeline) -> None:
     from prefect.deployments import run_deployment
 
@@ -96,6 +96,9 @@ def test_duplicated_notifications_start_one_stage_and_a_manual_rerun_skips(pipel
     assert again.state.result() == {"version": str(version.version), "skipped": True}
 
 
+# slow (~40 s, a second real stage): make test covers the same-ETag no-op in test_pipeline::test_duplicates_…
+# and exactly-once per arrival in test_watch; the new-ETag-is-a-new-stage half runs in make test-all.
+@pytest.mark.slow
 def test_same_etag_is_a_no_op_and_a_new_etag_is_a_new_stage(pipeline: Pipeline) -> None:
     uri = pipeline.batch_uri("WB", "2026-01")
     if not pipeline.versions(uri):  # run alone: the first arrival of the batch
