@@ -1,13 +1,13 @@
 """The growth planner against the paper's ladder and its reverse, at the same FLOPs (report only).
 
 Usage:
-    python bench/lifelong.py --budget short-planned --strategies loire-std0.02 --seeds 0,1,2   # the runs
-    python bench/lifelong.py --budget short-reverse --strategies loire-std0.02 --seeds 0,1,2
-    python bench/lifelong.py --budget short --strategies loire-std0.02 --seeds 0,1,2           # the ladder
-    python bench/planner.py --budget short                                                     # this report
+    python bench/lifelong.py --budget short-planned --strategies loire --seeds 0,1,2   # the runs
+    python bench/lifelong.py --budget short-reverse --strategies loire --seeds 0,1,2
+    python bench/lifelong.py --budget short --strategies loire --seeds 0,1,2           # the ladder
+    python bench/planner.py --budget short                                             # this report
 
-The three schedules share one strategy, `loire-std0.02` (`loire` as it was when these runs were made,
-before its free parameters moved to std 0.1; `--strategy` picks another once it has runs in all three).
+The three schedules share one strategy, `loire` by default; `--strategy loire-std0.02` compares the runs
+made before `loire`'s free parameters moved to std 0.1 (the only ones at the `long` budget so far).
 Reads its run files in the three budgets (`bench/results/lifelong/<budget>/runs/<strategy>/`), and
 writes `bench/results/planner-<budget>.md`, `.json` and `.png`: last-stage AP and AP+ per stage (mean ±
 std over the seeds present), total FLOPs against the ladder's (the planned and reverse schedules give
@@ -28,7 +28,7 @@ RESULTS = ROOT / "bench" / "results"
 SCHEDULES = {"ladder": "", "planned": "-planned", "reverse": "-reverse"}
 
 
-STRATEGY = "loire-std0.02"
+STRATEGY = "loire"
 
 
 def load_runs(budget: str, strategy: str = STRATEGY) -> list[dict[str, Any]]:
@@ -78,7 +78,7 @@ def render(budget: str, frame, stats, strategy: str = STRATEGY) -> str:
         "",
         "Same five domains (WB → NEWS → REV → BIO → CS), same strategy and settings; the planned and reverse "
         "schedules give every stage the ladder's FLOP budget (probes included). Mean ± std over the seeds run "
-        "(n). Rebuild: `python bench/planner.py --budget " + budget + "`.",
+        "(n). Rebuild: `python bench/planner.py --budget " + budget + " --strategy " + strategy + "`.",
         "",
         "![planner](planner-" + budget + ".png)",
         "",
