@@ -76,6 +76,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # bench/forgetting_levers.py found at stage 2): the variant that became `loire`'s default, identical
     # to `loire` now (its runs were moved to runs/loire/, each with a note)
     "loire-free0.1": ("loire", {"growth_free_std": 0.1}),
+    # one change against the current default (free parameters at 0.1): does distillation earn its cost,
+    # and in which regime (no replay) does it lower forgetting?
+    "loire-nokd-std0.1": ("loire", {"distill": "none"}),
+    "loire-noreplay-std0.1": ("loire", {"replay_ratio": 0.0, "distill_fraction": None}),
+    "loire-noreplay-nokd-std0.1": ("loire", {"replay_ratio": 0.0, "distill": "none"}),
 }
 ABLATION = ["loire", "loire-zero", "loire-random"]
 # The `long` benchmark's run order (what `--budget long` runs when neither --runs nor --strategies is
@@ -87,6 +92,8 @@ ABLATION = ["loire", "loire-zero", "loire-random"]
 PLANNED_LONG = [
     *[(n, s) for s in (1, 2) for n in ["loire", "elle-er", "replay", "loire-er"]],
     *[(n, s) for s in (1, 2) for n in ["loire-zero", "loire-random", "loire-std0.02"]],
+    *[("loire-nokd-std0.1", s) for s in (0, 1, 2)],
+    *[(n, 0) for n in ["loire-noreplay-std0.1", "loire-noreplay-nokd-std0.1"]],
     ("retrain", 0),
     *[(n, 0) for n in ["fixed-large", "token-kd", "fixed-small", "loire-noreplay", "loire-kdfull"]],
     *[(n, s) for s in (1, 2) for n in ["fixed-large", "elle", "token-kd", "fixed-small", "retrain"]],
