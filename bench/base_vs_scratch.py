@@ -17,8 +17,8 @@ AP here measures only the domain corpora), with its own byte-level BPE (4096), a
 The two chains differ only in the start: `base` imports that folder; `scratch` imports the same folder
 with its weights re-drawn by GPT2LMHeadModel's own init (seed = the run's seed). Same tokenizer (so the
 perplexities are comparable), same ladder (stage 1 grows nothing from M1, then Hidden -> FFN -> MHA ->
-Layer), same strategy (`loire`), same FLOPs per stage; the base's pretraining FLOPs are reported apart
-(a team has already paid them). Each (start, seed) run writes
+Layer), same strategy (`loire-kd`: the default when measured), same FLOPs per stage; the base's
+pretraining FLOPs are reported apart (a team has already paid them). Each (start, seed) run writes
 `bench/results/base_vs_scratch/<budget>/<start>/seed<k>.json` when it finishes; the report
 `bench/results/base_vs_scratch-<budget>.md` / `.json` / `.png` is rebuilt from the files present.
 """
@@ -129,7 +129,7 @@ def one_run(budget: str, start: str, seed: int, base: str, work: str, steps: int
     start_dir = Path(base) if start == "base" else scratch_copy(Path(base), out.parent / f"scratch-base-{seed}", seed)
     began = time.time()
     summary = run_lifelong(
-        str(DATA), DOMAINS, out / "chain", strategy="loire", schedule=BUDGETS[budget]["schedule"],
+        str(DATA), DOMAINS, out / "chain", strategy="loire-kd", schedule=BUDGETS[budget]["schedule"],
         device="cpu", steps=steps, seed=seed, max_eval_blocks=BUDGETS[budget]["eval_blocks"], progress=False,
         base=start_dir, eval_init=True,
     )  # fmt: skip

@@ -56,33 +56,42 @@ BUDGETS: dict[str, dict[str, Any]] = {
     "long-planned": {"schedule": "gpt-tiny-long-planned", "eval_blocks": 128},
     "long-reverse": {"schedule": "gpt-tiny-long-reverse", "eval_blocks": 128},
 }
-MAIN = ["loire", "loire-er", "fixed-small", "fixed-large", "retrain", "token-kd", "replay", "elle"]
+MAIN = ["loire", "loire-kd", "loire-er", "fixed-small", "fixed-large", "retrain", "token-kd", "replay", "elle"]
 # Benchmark-only variants: (base strategy, replaced fields). `elle-er` is ELLE at the replay ratio that
 # `replay` and `loire-er` use, so growth + distillation is compared with ELLE at equal replay.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "elle-er": ("elle", {"replay_ratio": REPLAY_RATIO}),
     # `loire` before its free parameters moved to std 0.1 (the runs under runs/loire-std0.02/ were made
-    # as `loire` then; their strategy_fields say growth_free_std None)
-    "loire-std0.02": ("loire", {"growth_free_std": None}),
+    # as `loire` then, with distillation; their strategy_fields say growth_free_std None)
+    "loire-std0.02": ("loire-kd", {"growth_free_std": None}),
     # what carries `loire` (one change at a time against the default it was measured against: the
-    # 0.02 one, pinned so the runs on file keep their meaning)
-    "loire-nokd": ("loire", {"distill": "none", "growth_free_std": None}),
-    "loire-kdfull": ("loire", {"distill_fraction": None, "growth_free_std": None}),
-    "loire-noreplay": ("loire", {"replay_ratio": 0.0, "distill_fraction": None, "growth_free_std": None}),
-    "loire-r10": ("loire", {"replay_ratio": 0.1, "distill_fraction": None, "growth_free_std": None}),
-    "loire-r10-nokd": ("loire", {"replay_ratio": 0.1, "distill": "none", "growth_free_std": None}),
-    "loire-split": ("loire", {"growth_init": "split", "growth_free_std": None}),
+    # 0.02 one with distillation, pinned so the runs on file keep their meaning)
+    "loire-nokd": ("loire-kd", {"distill": "none", "growth_free_std": None}),
+    "loire-kdfull": ("loire-kd", {"distill_fraction": None, "growth_free_std": None}),
+    "loire-noreplay": ("loire-kd", {"replay_ratio": 0.0, "distill_fraction": None, "growth_free_std": None}),
+    "loire-r10": ("loire-kd", {"replay_ratio": 0.1, "distill_fraction": None, "growth_free_std": None}),
+    "loire-r10-nokd": ("loire-kd", {"replay_ratio": 0.1, "distill": "none", "growth_free_std": None}),
+    "loire-split": ("loire-kd", {"growth_init": "split", "growth_free_std": None}),
     # exact growth whose free ("any value") parameters start at std 0.1 instead of 0.02 (the lever that
-    # bench/forgetting_levers.py found at stage 2): the variant that became `loire`'s default, identical
-    # to `loire` now (its runs were moved to runs/loire/, each with a note)
-    "loire-free0.1": ("loire", {"growth_free_std": 0.1}),
-    # one change against the current default (free parameters at 0.1): does distillation earn its cost,
-    # and in which regime (no replay) does it lower forgetting?
-    "loire-nokd-std0.1": ("loire", {"distill": "none"}),
-    "loire-noreplay-std0.1": ("loire", {"replay_ratio": 0.0, "distill_fraction": None}),
-    "loire-noreplay-nokd-std0.1": ("loire", {"replay_ratio": 0.0, "distill": "none"}),
+    # bench/forgetting_levers.py found at stage 2): the variant that became the default then, identical
+    # to `loire-kd` now (its runs were moved to runs/loire/ then, and with them to runs/loire-kd/)
+    "loire-free0.1": ("loire-kd", {"growth_free_std": 0.1}),
+    # one change against `loire-kd` (free parameters at 0.1): does distillation earn its cost, and in
+    # which regime (no replay) does it lower forgetting? `loire-nokd-std0.1` became the default `loire`
+    # (its 3 seeds were moved to runs/loire/, each with a note); the same at a low replay ratio.
+    "loire-nokd-std0.1": ("loire-kd", {"distill": "none"}),
+    "loire-noreplay-std0.1": ("loire-kd", {"replay_ratio": 0.0, "distill_fraction": None}),
+    "loire-noreplay-nokd-std0.1": ("loire-kd", {"replay_ratio": 0.0, "distill": "none"}),
+    "loire-r10-std0.1": ("loire-kd", {"replay_ratio": 0.1, "distill_fraction": None}),
+    "loire-r10-nokd-std0.1": ("loire-kd", {"replay_ratio": 0.1, "distill": "none"}),
+    # the learning-rate re-decay lever (issue: "re-warming and re-decay per stage"): each stage re-warms
+    # as before but stays at its peak rate instead of decaying to a tenth (bench/planner_horizon.py: at
+    # stage 2 a constant rate reached a lower held-out loss than the stage's cosine for every candidate).
+    # Against `replay` as well: a lever every strategy would get is a benchmark setting, not a LOIRE win.
+    "loire-constlr": ("loire", {"min_lr_ratio": 1.0}),
+    "replay-constlr": ("replay", {"min_lr_ratio": 1.0}),
 }
-ABLATION = ["loire", "loire-zero", "loire-random"]
+ABLATION = ["loire-kd", "loire-zero", "loire-random"]  # all three distil (the paper's LOIRE)
 # The `long` benchmark's run order (what `--budget long` runs when neither --runs nor --strategies is
 # given). Finished runs are skipped, so a later session continues in this order. Done first: seed 0 of
 # every strategy, then `loire-free0.1`'s seeds (which made it `loire`: its runs are under runs/loire/,
@@ -92,8 +101,10 @@ ABLATION = ["loire", "loire-zero", "loire-random"]
 PLANNED_LONG = [
     *[(n, s) for s in (1, 2) for n in ["loire", "elle-er", "replay", "loire-er"]],
     *[(n, s) for s in (1, 2) for n in ["loire-zero", "loire-random", "loire-std0.02"]],
-    *[("loire-nokd-std0.1", s) for s in (0, 1, 2)],
+    *[("loire", s) for s in (0, 1, 2)],  # run as loire-nokd-std0.1 (now the default: runs moved, with notes)
     *[(n, 0) for n in ["loire-noreplay-std0.1", "loire-noreplay-nokd-std0.1"]],
+    *[(n, 0) for n in ["loire-constlr", "replay-constlr"]],  # the LR re-decay lever, against ER too
+    *[(n, 0) for n in ["loire-r10-std0.1", "loire-r10-nokd-std0.1"]],  # distillation at low replay
     ("retrain", 0),
     *[(n, 0) for n in ["fixed-large", "token-kd", "fixed-small", "loire-noreplay", "loire-kdfull"]],
     *[(n, s) for s in (1, 2) for n in ["fixed-large", "elle", "token-kd", "fixed-small", "retrain"]],
@@ -101,7 +112,7 @@ PLANNED_LONG = [
     *[(n, 0) for n in ["loire-r10", "loire-r10-nokd", "loire-split"]],
 ]
 # The issue's comparison set for LOIRE's last-stage AP: every strategy except retrain.
-COMPARED = ["loire-er", "fixed-small", "fixed-large", "token-kd", "replay", "elle", "elle-er"]
+COMPARED = ["loire-kd", "loire-er", "fixed-small", "fixed-large", "token-kd", "replay", "elle", "elle-er"]
 
 
 def strategy_for(name: str):

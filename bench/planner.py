@@ -1,13 +1,14 @@
 """The growth planner against the paper's ladder and its reverse, at the same FLOPs (report only).
 
 Usage:
-    python bench/lifelong.py --budget short-planned --strategies loire --seeds 0,1,2   # the runs
-    python bench/lifelong.py --budget short-reverse --strategies loire --seeds 0,1,2
-    python bench/lifelong.py --budget short --strategies loire --seeds 0,1,2           # the ladder
+    python bench/lifelong.py --budget short-planned --strategies loire-kd --seeds 0,1,2   # the runs
+    python bench/lifelong.py --budget short-reverse --strategies loire-kd --seeds 0,1,2
+    python bench/lifelong.py --budget short --strategies loire-kd --seeds 0,1,2        # the ladder
     python bench/planner.py --budget short                                             # this report
 
-The three schedules share one strategy, `loire` by default; `--strategy loire-std0.02` compares the runs
-made before `loire`'s free parameters moved to std 0.1 (the only ones at the `long` budget so far).
+The three schedules share one strategy, `loire-kd` by default (the runs were made as `loire` before it
+dropped distillation; moved to runs/loire-kd/, each with a note); `--strategy loire-std0.02` compares the
+runs made before the free parameters moved to std 0.1, `--strategy loire` the current default's.
 Reads its run files in the three budgets (`bench/results/lifelong/<budget>/runs/<strategy>/`), and
 writes `bench/results/planner-<budget>.md`, `.json` and `.png`: last-stage AP and AP+ per stage (mean ±
 std over the seeds present), total FLOPs against the ladder's (the planned and reverse schedules give
@@ -28,7 +29,7 @@ RESULTS = ROOT / "bench" / "results"
 SCHEDULES = {"ladder": "", "planned": "-planned", "reverse": "-reverse"}
 
 
-STRATEGY = "loire"
+STRATEGY = "loire-kd"
 
 
 def load_runs(budget: str, strategy: str = STRATEGY) -> list[dict[str, Any]]:

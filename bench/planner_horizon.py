@@ -10,6 +10,7 @@ the file tells which horizon ranks the candidates as the whole stage does, and h
 extrapolates a short prefix does.
 
     python bench/planner_horizon.py --budget long --parent /tmp/loire-bench/long/loire/seed0/stage-1-WB
+    python bench/planner_horizon.py --report        # bench/results/planner_horizon.md and .png from the files
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -44,10 +46,100 @@ SCHEDULES = {"long": "gpt-tiny-long", "short": "gpt-tiny"}
 RESULTS = ROOT / "bench" / "results" / "planner_horizon"
 
 
+SHARES = (0.033, 0.1, 0.3, 1.0)  # a probe's share of the stage (the planner's default probe: ~3.3%)
+
+
+def _mean(losses: dict[str, float]) -> float:
+    return sum(losses.values()) / len(losses)
+
+
+def loss_at(row: dict, flops: float) -> float:
+    """Mean held-out loss of a run at `flops`, interpolated linearly in log-FLOPs between its points."""
+    points = [(p["flops"], _mean(p["loss"])) for p in row["curve"]]
+    for (f0, l0), (f1, l1) in itertools.pairwise(points):
+        if f0 <= flops <= f1:
+            w = flops / f1 if f0 == 0 else (math.log(flops) - math.log(f0)) / (math.log(f1) - math.log(f0))
+            return l0 + w * (l1 - l0)
+    return points[-1][1]
+
+
+def report() -> None:
+    """A table per result file: each candidate's loss minus no growth's at equal FLOPs, by the share of the
+    stage trained (negative: the growth is ahead); and a plot of the same curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = sorted(RESULTS.glob("*.json"))
+    lines = [
+        "# How far ahead must the growth planner look? (`bench/planner_horizon.py`)",
+        "",
+        "Every planner candidate grown exactly from a finished stage-1 model and trained for the whole stage-2",
+        "FLOP budget on the stage's mix (NEWS + replay of WB at a half), seed 0, CPU. Held-out loss = mean over",
+        "WB and NEWS of the validation log-perplexity (24 blocks each). Each cell: candidate minus no growth",
+        "at equal FLOPs, after that share of the stage (nats; negative = the growth is ahead). `constant`: the",
+        "planner's probe shape (constant rate after a short warmup); `stage`: the stage's own shape (warmup,",
+        "cosine decay to a tenth, mask window) compressed to each run's length, so a share < 1 there is a",
+        "separate, shorter run.",
+        "",
+    ]
+    fig, axes = plt.subplots(1, len(files), figsize=(5 * len(files), 4), squeeze=False)
+    for ax, path in zip(axes[0], files, strict=True):
+        data = json.loads(path.read_text())
+        budget, rows = data["stage_budget_flops"], data["candidates"]
+        lines += [f"## {path.stem}: `{data['budget']}` budget, stage {data['stage']} ({data['domain']}), "
+                  f"{data['lr']} learning rate", ""]  # fmt: skip
+        by_fraction: dict[float, dict[str, dict]] = {}
+        for row in rows:
+            by_fraction.setdefault(row.get("fraction", 1.0), {})[row["name"]] = row
+        if data["lr"] == "constant":  # one run per candidate: every share is a prefix of it
+            full = by_fraction[1.0]
+            lines += ["| candidate | steps (whole stage) | " + " | ".join(f"{s:.1%}" for s in SHARES) + " |"]
+            lines += ["|---|---:|" + "---:|" * len(SHARES)]
+            for name, row in full.items():
+                diffs = [loss_at(row, s * budget) - loss_at(full["none"], s * budget) for s in SHARES]
+                cells = " | ".join(f"{d:+.3f}" if name != "none" else f"{loss_at(row, s * budget):.3f}"
+                                   for d, s in zip(diffs, SHARES, strict=True))  # fmt: skip
+                lines.append(f"| {name} | {row['steps']} | {cells} |")
+                xs = [s for s in (0.01, 0.02, 0.033, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)]
+                if name != "none":
+                    ys = [loss_at(row, x * budget) - loss_at(full["none"], x * budget) for x in xs]
+                    ax.plot(xs, ys, marker="o", ms=3, label=name)
+        else:  # one run per (candidate, share), each with its own compressed schedule
+            shares = sorted(by_fraction)
+            lines += ["| candidate | " + " | ".join(f"{s:.0%} run" for s in shares) + " |"]
+            lines += ["|---|" + "---:|" * len(shares)]
+            names = list(by_fraction[shares[-1]])
+            for name in names:
+                cells = []
+                for s in shares:
+                    last = _mean(by_fraction[s][name]["curve"][-1]["loss"])
+                    base = _mean(by_fraction[s]["none"]["curve"][-1]["loss"])
+                    cells.append(f"{last:.3f}" if name == "none" else f"{last - base:+.3f}")
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+                if name != "none":
+                    ys = [_mean(by_fraction[s][name]["curve"][-1]["loss"])
+                          - _mean(by_fraction[s]["none"]["curve"][-1]["loss"]) for s in shares]  # fmt: skip
+                    ax.plot(shares, ys, marker="o", label=name)
+        lines.append("")
+        ax.axhline(0, color="black", lw=0.8)
+        ax.axvline(0.033, color="grey", ls=":", lw=0.8)
+        ax.set(xscale="log", xlabel="share of the stage's FLOPs", ylabel="loss − no growth (nats)",
+               title=f"{data['budget']} stage {data['stage']}, {data['lr']} LR")  # fmt: skip
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS.with_suffix(".png"), dpi=110)
+    lines += ["![horizon](planner_horizon.png)", ""]
+    RESULTS.with_suffix(".md").write_text("\n".join(lines))
+    print(f"wrote {RESULTS.with_suffix('.md')}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", choices=sorted(SCHEDULES), default="long")
-    p.add_argument("--parent", required=True, help="a finished stage folder, e.g. .../stage-1-WB")
+    p.add_argument("--parent", help="a finished stage folder, e.g. .../stage-1-WB")
+    p.add_argument("--report", action="store_true", help="only rebuild the report from the result files")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-blocks", type=int, default=24, help="validation blocks per seen domain")
@@ -57,6 +149,9 @@ def main() -> None:
     p.add_argument("--tag", default="", help="suffix of the result file")
     p.add_argument("--only", default=None, help="candidate names, comma-separated (default: all)")
     args = p.parse_args()
+    if args.report:
+        report()
+        return
     torch.set_num_threads(1)
 
     parent = Path(args.parent)

@@ -86,7 +86,7 @@ class PipelineSettings(BaseSettings):
         DEFAULT_MAX_AP_PLUS,
         description="Promotion gate: AP+ (mean rise of the earlier domains' perplexity since each was learnt) at or "
         "below this (None: no AP+ gate). In perplexity points, so it depends on the model size. At the CPU presets "
-        "(bench/results/lifelong.md, gpt-tiny) the default strategy `loire` (replay + distillation) keeps AP+ below 0, "
+        "(bench/results/lifelong.md, gpt-tiny) the default strategy `loire` (growth + replay) keeps AP+ below 0, "
         "LOIRE without replay shows 157-454 and fine-tuning a fixed model 287-1284: 100 (loire.promotion's default "
         "too) rejects real forgetting there. Use a few points for base-sized models.",
     )

@@ -502,6 +502,8 @@ def _train_stage(
         progress=progress,
         fsdp=fsdp,
     )
+    if strat.min_lr_ratio is not None:
+        common["min_lr_ratio"] = strat.min_lr_ratio
     flops = 0.0
     # ELLE: function-recovering warmup on the memory of the previous domain before the new domain.
     if strat.recover_fraction > 0 and plan.lineage and targets:
@@ -654,6 +656,8 @@ def _stage_record(
     if decision is not None:
         record["growth"]["decision"] = decision.to_dict()
         record["flops"]["probes"] = decision.probe_flops
+    if plan.strategy.min_lr_ratio is not None:
+        record["train"]["min_lr_ratio"] = trained.config.min_lr_ratio
     return record
 
 

@@ -44,8 +44,9 @@ def write_corpus(folder: Path, seed: int, docs: int = 200) -> Path:
 
 def test_stage_folder_lineage_and_metrics(tmp_path: Path) -> None:
     a, b = write_corpus(tmp_path / "a", 0), write_corpus(tmp_path / "b", 1)
-    s1 = run_stage("WB", str(a), tmp_path / "s1", schedule=small_schedule(), progress=False)
-    s2 = run_stage("NEWS", str(b), tmp_path / "s2", parent=tmp_path / "s1", schedule=small_schedule(), progress=False)
+    kd = dict(schedule=small_schedule(), strategy="loire-kd", progress=False)  # the record of the teachers too
+    s1 = run_stage("WB", str(a), tmp_path / "s1", **kd)
+    s2 = run_stage("NEWS", str(b), tmp_path / "s2", parent=tmp_path / "s1", **kd)
     record = read_stage(tmp_path / "s2")
     assert (s1.stage, s2.stage) == (1, 2)
     assert [e["domain"] for e in record["lineage"]] == ["WB", "NEWS"]
@@ -179,7 +180,7 @@ def test_two_real_stages_wb_then_news(tmp_path: Path) -> None:
     )
     assert s2.growth_max_abs_logit_diff is not None and s2.growth_max_abs_logit_diff < 1e-4
     assert s2.ppl["NEWS"] < 0.8 * news_before
-    # Stated bound: with distillation, WB perplexity after stage 2 stays within 2× its stage-1 value.
+    # Stated bound: with replay, WB perplexity after stage 2 stays within 2× its stage-1 value.
     assert s2.ppl["WB"] < 2.0 * s1.ppl["WB"], (s1.ppl, s2.ppl)
 
 
@@ -206,7 +207,7 @@ def test_lifelong_command_writes_table_json_and_plot(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "strategy", ["loire", "loire-er", "fixed-small", "fixed-large", "retrain", "token-kd", "replay", "elle"]
+    "strategy", ["loire", "loire-kd", "loire-er", "fixed-small", "fixed-large", "retrain", "token-kd", "replay", "elle"]
 )
 def test_every_strategy_runs_two_stages(tmp_path: Path, strategy: str) -> None:
     a, b = write_corpus(tmp_path / "a", 0), write_corpus(tmp_path / "b", 1)
@@ -219,19 +220,19 @@ def test_every_strategy_runs_two_stages(tmp_path: Path, strategy: str) -> None:
     hidden = record["dims"]["hidden_size"]
     if strategy in ("fixed-small", "token-kd", "replay"):
         assert hidden == 64
-    elif strategy in ("loire", "loire-er", "elle"):
+    elif strategy in ("loire", "loire-kd", "loire-er", "elle"):
         assert hidden == 128 and read_stage(tmp_path / "s1")["dims"]["hidden_size"] == 64
     elif strategy in ("fixed-large", "retrain"):
         assert hidden == 128 and read_stage(tmp_path / "s1")["dims"]["hidden_size"] == 128
-    if strategy in ("loire", "loire-er"):
+    if strategy in ("loire", "loire-kd", "loire-er"):
         assert s2.growth_max_abs_logit_diff < 1e-4
-    expected = {"loire": 0.5, "loire-er": 0.5, "replay": 0.5, "elle": 0.1}.get(strategy, 0.0)
+    expected = {"loire": 0.5, "loire-kd": 0.5, "loire-er": 0.5, "replay": 0.5, "elle": 0.1}.get(strategy, 0.0)
     assert record["train"]["replay_ratio"] == expected
     if strategy == "elle":
         assert s2.growth_max_abs_logit_diff > 1e-3  # bert2BERT-style expansion is not function-preserving
     if strategy == "retrain":
         assert record["train"]["steps"] == 2 * s1.record["train"]["steps"]
-    assert (record["distill"] is not None) == (strategy in ("loire", "loire-er", "token-kd"))
+    assert (record["distill"] is not None) == (strategy in ("loire-kd", "loire-er", "token-kd"))
     assert s2.ap > 0 and s2.ap_plus is not None
 
 
@@ -248,3 +249,23 @@ def test_strategy_caps_the_distillation_window(tmp_path: Path, monkeypatch: pyte
     run_stage("NEWS", str(b), tmp_path / "s2", parent=tmp_path / "s1", schedule=schedule, strategy="loire-er")
     record = read_stage(tmp_path / "s2")
     assert schedule.stages[1].distill_steps == 6 and record["distill"]["distill_steps"] == 2
+
+
+def test_strategy_sets_where_the_stage_learning_rate_decays_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Strategy.min_lr_ratio` (the LR re-decay lever): 1.0 keeps the stage's rate constant after warmup."""
+    import dataclasses
+
+    from loire.strategies import STRATEGIES
+
+    constant = dataclasses.replace(STRATEGIES["replay"], name="replay-constlr", min_lr_ratio=1.0)
+    monkeypatch.setitem(STRATEGIES, "replay-constlr", constant)
+    a = write_corpus(tmp_path / "a", 0)
+    schedule = small_schedule(steps=6, lr=2e-3)
+    run_stage("WB", str(a), tmp_path / "c", schedule=schedule, strategy="replay-constlr", progress=False)
+    run_stage("WB", str(a), tmp_path / "d", schedule=schedule, strategy="replay", progress=False)
+    lrs = {k: [h["train/lr"] for h in read_stage(tmp_path / k)["train"]["history"]] for k in "cd"}
+    assert lrs["c"][-1] == pytest.approx(2e-3) and lrs["d"][-1] == pytest.approx(2e-4)
+    assert read_stage(tmp_path / "c")["train"]["min_lr_ratio"] == 1.0
+    assert "min_lr_ratio" not in read_stage(tmp_path / "d")["train"]  # older records stay the same
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        dataclasses.replace(constant, min_lr_ratio=2.0)
