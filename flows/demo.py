@@ -39,13 +39,25 @@ class DemoProfile:
     downstream_budget: int
     downstream_tasks: str
     stage_timeout_s: float
+    downstream_seeds: int = 1
 
 
 # Dev and test rows per synthetic task: at 200 the standard error of a macro-F1 difference between two
 # versions is about 0.05, so the demo's downstream tolerance of 0.1 is about two of them (with the
 # generator's default of 40, one was 0.11 and the gate rejected stages on noise).
 DEMO_EVAL_EXAMPLES = 200
-QUICK = DemoProfile(schedule="gpt-micro", downstream_budget=60, downstream_tasks="seen", stage_timeout_s=300)
+# Fine-tuning seeds per task in the quick demo: its tasks train on 60 examples, where one fine-tuning run
+# swings by far more than the evaluation noise (the same task scored 0.985 then 0.558 macro-F1 on
+# consecutive stages with 1 seed, and the gate rejected stage 5 of `make demo-quick`); the mean of 3
+# seeds, as the downstream literature reports, is what the gate compares.
+QUICK_DOWNSTREAM_SEEDS = 3
+QUICK = DemoProfile(
+    schedule="gpt-micro",
+    downstream_budget=60,
+    downstream_tasks="seen",
+    stage_timeout_s=300,
+    downstream_seeds=QUICK_DOWNSTREAM_SEEDS,
+)
 FULL = DemoProfile(schedule="gpt-tiny", downstream_budget=200, downstream_tasks="seen", stage_timeout_s=900)
 
 
@@ -106,6 +118,7 @@ def demo_env(out: Path, profile: DemoProfile, data_root: Path, catalogue: str | 
         LOIRE_DEVICE="cpu",
         LOIRE_DOWNSTREAM_TASKS=profile.downstream_tasks,
         LOIRE_DOWNSTREAM_BUDGET=str(profile.downstream_budget),
+        LOIRE_DOWNSTREAM_SEEDS=env.get("LOIRE_DOWNSTREAM_SEEDS", str(profile.downstream_seeds)),
         LOIRE_DOWNSTREAM_DATA_ROOT=str(data_root),
         # Fine-tuning a demo-sized model on a few dozen examples moves scores by several points from
         # noise alone: the demo tolerates 10 points before it keeps the champion (production: 0.02).
