@@ -25,6 +25,12 @@ The rule:
    half (the marginal value of compute), as if the capacity stopped paying after this stage.
 
 Everything is deterministic given the seed (same batches for every candidate, seeded growth noise).
+
+Limit (measured, `bench/planner_horizon.py`): probes see a growth only if it pays within their horizon.
+On the `long` CPU benchmark the width growths overtake no growth only in the last third of a stage (and
+pay more in later stages), so every probe within `probe_share` ranks no growth first there, while the
+fixed ladder ends 6.4 AP lower; at the `short` budget no growth is right and the planner beats the
+ladder (docs/training.md).
 """
 
 from __future__ import annotations
