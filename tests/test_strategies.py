@@ -33,6 +33,13 @@ def test_the_default_loire_replays_without_teachers_and_loire_kd_distils_briefly
     assert kd.growth_free_std == GROWTH_FREE_STD  # exact growth, free values drawn wider than the init range
     # the default is the paper's reading without the teachers (with replay they add nothing measurable)
     assert dataclasses.replace(loire, name="loire-kd", distill="all") == kd
+    # without replay memory, distillation over the whole stage (where it earns its cost)
+    private = STRATEGIES["loire-kd-noreplay"]
+    assert (private.replay_ratio, private.distill, private.distill_fraction) == (0.0, "all", None)
+    assert (
+        dataclasses.replace(private, name="loire-kd", replay_ratio=REPLAY_RATIO, distill_fraction=DISTILL_FRACTION)
+        == kd
+    )
     # the operator ablation is the paper's LOIRE with only the growth changed
     for name, growth in (("loire-zero", "zero"), ("loire-random", "random")):
         assert dataclasses.replace(STRATEGIES[name], name="loire-kd", growth="exact") == kd
