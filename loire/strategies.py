@@ -13,16 +13,16 @@ assumptions made where the papers leave details open:
 - `loire` (the default): `loire-kd` without the teachers. With replay at a half, distillation adds
   nothing measurable (3 seeds on the `long` benchmark) and costs FLOPs and wall time; the λ / mask
   window is kept. Without replay, distillation does pay (see `_LOIRE` below and docs/training.md).
-- `loire-er`: `loire` plus experience replay at the `replay` baseline's ratio (`REPLAY_RATIO` = 0.5:
-  half of every batch drawn from a memory of earlier domains' training blocks, as ER concatenates a
-  memory batch of the current batch's size, Chaudhry et al. 2019); the teachers' distributions are
-  cached for the replayed rows too, so distillation covers old-domain text as well. Because replay
-  carries the old domains, the distillation (and plug-in λ) window is capped at 25 steps per stage
-  instead of the schedule's (150 for gpt-tiny): measured at gpt-tiny with replay 0.5, windows of 0, 25
-  and 50 steps gave AP 251.3 / 250.5 / 251.7, well inside the seed-to-seed spread of about 6
-  (bench/results/lifelong_ablation.md), and the cap saves most of the teachers' forward passes.
-  The paper distils on the new-domain batch "plus any replayed batch"; ELLE, the closest growth
-  method, always replays.
+- `loire-er`: exact growth with distillation (free parameters at the init range) plus experience replay
+  at the `replay` baseline's ratio (`REPLAY_RATIO` = 0.5: half of every batch drawn from a memory of
+  earlier domains' training blocks, as ER concatenates a memory batch of the current batch's size,
+  Chaudhry et al. 2019); the teachers' distributions are cached for the replayed rows too, so
+  distillation covers old-domain text as well. Because replay carries the old domains, the distillation
+  (and plug-in λ) window is capped at 25 steps per stage instead of the schedule's (150 for gpt-tiny):
+  measured at gpt-tiny with replay 0.5, windows of 0, 25 and 50 steps gave AP 251.3 / 250.5 / 251.7,
+  well inside the seed-to-seed spread of about 6 (bench/results/lifelong_ablation.md), and the cap saves
+  most of the teachers' forward passes. The paper distils on the new-domain batch "plus any replayed
+  batch"; ELLE, the closest growth method, always replays.
 - `fixed-small` (GPT_S): the M1-size model trained continually on each new domain, no growth, no
   protection against forgetting.
 - `fixed-large` (GPT_L): the final (M5) size from the first stage, trained continually.
@@ -109,8 +109,8 @@ _LOIRE_KD = Strategy(
 
 # The default: `loire-kd` without the teachers. With replay at a half, distillation adds nothing
 # measurable on the `long` benchmark (3 seeds: last-stage AP 79.1 ± 0.6 without, 79.6 ± 0.8 with, the same
-# AP+ at every stage) and costs 5% more FLOPs (0.63x against 0.60x `fixed-large`) and more than twice
-# the wall time, so the default does not pay for it. Without replay it does earn its cost (AP 177.4
+# AP+ at every stage) and costs 5% more FLOPs (0.63x against 0.60x `fixed-large`) plus the earlier
+# models in memory, so the default does not pay for it. Without replay it does earn its cost (AP 177.4
 # against 257.8, seed 0): a team that cannot keep a replay memory uses distillation (docs/training.md).
 # The λ / mask opening window keeps its length (`distill_fraction` of the stage).
 _LOIRE = dataclasses.replace(_LOIRE_KD, name="loire", distill="none")
