@@ -80,7 +80,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # which regime (no replay) does it lower forgetting? `loire-nokd-std0.1` became the default `loire`
     # (its 3 seeds were moved to runs/loire/, each with a note); the same at a low replay ratio.
     "loire-nokd-std0.1": ("loire-kd", {"distill": "none"}),
-    "loire-noreplay-std0.1": ("loire-kd", {"replay_ratio": 0.0, "distill_fraction": None}),
+    "loire-noreplay-std0.1": ("loire-kd-noreplay", {}),  # the same fields as that registered strategy
     "loire-noreplay-nokd-std0.1": ("loire-kd", {"replay_ratio": 0.0, "distill": "none"}),
     "loire-r10-std0.1": ("loire-kd", {"replay_ratio": 0.1, "distill_fraction": None}),
     "loire-r10-nokd-std0.1": ("loire-kd", {"replay_ratio": 0.1, "distill": "none"}),

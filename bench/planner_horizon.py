@@ -47,6 +47,7 @@ RESULTS = ROOT / "bench" / "results" / "planner_horizon"
 
 
 SHARES = (0.033, 0.1, 0.3, 1.0)  # a probe's share of the stage (the planner's default probe: ~3.3%)
+PLOT_SHARES = (0.01, 0.02, 0.033, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
 
 def _mean(losses: dict[str, float]) -> float:
@@ -61,6 +62,16 @@ def loss_at(row: dict, flops: float) -> float:
             w = flops / f1 if f0 == 0 else (math.log(flops) - math.log(f0)) / (math.log(f1) - math.log(f0))
             return l0 + w * (l1 - l0)
     return points[-1][1]
+
+
+def gap(row: dict, none: dict, flops: float) -> float:
+    """A candidate's held-out loss minus no growth's at equal FLOPs (negative: the growth is ahead)."""
+    return loss_at(row, flops) - loss_at(none, flops)
+
+
+def final(row: dict) -> float:
+    """A run's mean held-out loss at its end."""
+    return _mean(row["curve"][-1]["loss"])
 
 
 def report() -> None:
@@ -97,31 +108,27 @@ def report() -> None:
             full = by_fraction[1.0]
             lines += ["| candidate | steps (whole stage) | " + " | ".join(f"{s:.1%}" for s in SHARES) + " |"]
             lines += ["|---|---:|" + "---:|" * len(SHARES)]
+            none = full["none"]
             for name, row in full.items():
-                diffs = [loss_at(row, s * budget) - loss_at(full["none"], s * budget) for s in SHARES]
-                cells = " | ".join(f"{d:+.3f}" if name != "none" else f"{loss_at(row, s * budget):.3f}"
-                                   for d, s in zip(diffs, SHARES, strict=True))  # fmt: skip
-                lines.append(f"| {name} | {row['steps']} | {cells} |")
-                xs = [s for s in (0.01, 0.02, 0.033, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)]
-                if name != "none":
-                    ys = [loss_at(row, x * budget) - loss_at(full["none"], x * budget) for x in xs]
-                    ax.plot(xs, ys, marker="o", ms=3, label=name)
+                if name == "none":
+                    cells = [f"{loss_at(row, s * budget):.3f}" for s in SHARES]
+                else:
+                    cells = [f"{gap(row, none, s * budget):+.3f}" for s in SHARES]
+                    gaps = [gap(row, none, x * budget) for x in PLOT_SHARES]
+                    ax.plot(PLOT_SHARES, gaps, marker="o", ms=3, label=name)
+                lines.append(f"| {name} | {row['steps']} | " + " | ".join(cells) + " |")
         else:  # one run per (candidate, share), each with its own compressed schedule
             shares = sorted(by_fraction)
             lines += ["| candidate | " + " | ".join(f"{s:.0%} run" for s in shares) + " |"]
             lines += ["|---|" + "---:|" * len(shares)]
-            names = list(by_fraction[shares[-1]])
-            for name in names:
-                cells = []
-                for s in shares:
-                    last = _mean(by_fraction[s][name]["curve"][-1]["loss"])
-                    base = _mean(by_fraction[s]["none"]["curve"][-1]["loss"])
-                    cells.append(f"{last:.3f}" if name == "none" else f"{last - base:+.3f}")
+            for name in by_fraction[shares[-1]]:
+                if name == "none":
+                    cells = [f"{final(by_fraction[s][name]):.3f}" for s in shares]
+                else:
+                    gaps = [final(by_fraction[s][name]) - final(by_fraction[s]["none"]) for s in shares]
+                    cells = [f"{g:+.3f}" for g in gaps]
+                    ax.plot(shares, gaps, marker="o", label=name)
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
-                if name != "none":
-                    ys = [_mean(by_fraction[s][name]["curve"][-1]["loss"])
-                          - _mean(by_fraction[s]["none"]["curve"][-1]["loss"]) for s in shares]  # fmt: skip
-                    ax.plot(shares, ys, marker="o", label=name)
         lines.append("")
         ax.axhline(0, color="black", lw=0.8)
         ax.axvline(0.033, color="grey", ls=":", lw=0.8)
@@ -152,6 +159,8 @@ def main() -> None:
     if args.report:
         report()
         return
+    if args.parent is None:
+        p.error("--parent is required (unless --report)")
     torch.set_num_threads(1)
 
     parent = Path(args.parent)
@@ -212,8 +221,7 @@ def main() -> None:
             row = {"name": cand.name, "fraction": fraction, "targets": cand.targets, "steps": steps}
             row |= {"step_flops": step_flops, "cost_ratio": step_flops / base_step, "curve": curve}
             rows.append(row | {"wall_s": time.perf_counter() - t0})
-            last = curve[-1]["loss"]
-            mean = sum(last.values()) / len(last)
+            mean = _mean(curve[-1]["loss"])
             print(f"{cand.name} x{fraction:g}: {steps} steps, mean held-out loss {mean:.4f}", flush=True)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
