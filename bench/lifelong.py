@@ -151,6 +151,7 @@ def worker(args: argparse.Namespace) -> None:
         seed=args.seed,
         max_eval_blocks=budget["eval_blocks"],
         progress=False,
+        resume=args.resume,
     )
     summary.update(
         budget=args.budget,
@@ -175,6 +176,8 @@ def launch(args: argparse.Namespace, strategy: str, seed: int) -> tuple[str, int
     cmd += ["--budget", args.budget, "--data", args.data, "--work", args.work]
     if args.steps is not None:
         cmd += ["--steps", str(args.steps)]
+    if args.resume:
+        cmd.append("--resume")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     started = time.perf_counter()
     with log.open("w") as f:
@@ -478,6 +481,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override every stage's steps (smoke runs)")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "loire-bench"))
     parser.add_argument("--redo", action="store_true", help="rerun runs whose result file exists")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue interrupted runs from their stage folders and training checkpoints under --work",
+    )
     parser.add_argument("--report", action="store_true", help="only rebuild the report from existing runs")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", help=argparse.SUPPRESS)

@@ -298,6 +298,14 @@ def lifelong(
         Path | None,
         typer.Option(help="A HF GPT-2/BERT/Llama folder (safetensors + tokenizer) imported as stage 0 to grow from."),
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted run in --out: finished stages are read back, the next one continues "
+            "from its newest training checkpoint.",
+        ),
+    ] = False,
 ) -> None:
     """Run every stage of a strategy and print the PPL / AP / AP+ table.
 
@@ -319,6 +327,7 @@ def lifelong(
         device=device,
         base=base,
         eval_init=base is not None,
+        resume=resume,
     )
     console.print(ppl_table(summary))
     if any("ppl_init" in s for s in summary["stages"]):

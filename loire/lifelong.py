@@ -823,6 +823,53 @@ def corpus_uri(root: str, domain: str) -> str:
     raise ValueError(f"{root}: no corpus folder for domain {domain!r} (expected {base / domain.lower()})")
 
 
+def _base_stage(base: str | os.PathLike[str], folder: Path, resume: bool) -> dict[str, Any]:
+    """Import `base` as stage 0 at `folder`; on resume, read back the folder an earlier run imported from it."""
+    from loire.base import import_base, weights_sha256
+
+    if not (resume and (folder / STAGE_FILE).is_file()):
+        return import_base(base, folder)["base"]
+    record = read_stage(folder)["base"]
+    if record["sha256"] != weights_sha256(base):
+        raise ValueError(f"{folder}: resume: imported from other weights than {base}; use another out_dir")
+    return record
+
+
+def _finished_stage(stage_dir: Path, strategy: str, seed: int) -> dict[str, Any] | None:
+    """The record of a stage folder an earlier, interrupted `run_lifelong` finished, or None to (re)run it.
+
+    A folder written by another strategy or seed is an error, not a stage to reuse or overwrite."""
+    if not (stage_dir / STAGE_FILE).is_file():
+        return None
+    record = read_stage(stage_dir)
+    found = (record["strategy"], record.get("schedule", {}).get("seed"))
+    if found != (strategy, seed):
+        raise ValueError(
+            f"{stage_dir}: resume: written by strategy {found[0]!r} seed {found[1]}, not {strategy!r} seed {seed}; "
+            "use another out_dir or delete the folder"
+        )
+    return record
+
+
+def _summary_entry(record: Mapping[str, Any], domain: str) -> dict[str, Any]:
+    """A stage's entry in the lifelong summary, from its record (`stage.json`)."""
+    return {
+        "stage": record["stage"],
+        "domain": domain,
+        "ppl": record["ppl"],
+        "ap": record["ap"],
+        "ap_plus": record["ap_plus"],
+        "flops": record["flops"]["stage"],
+        "cumulative_flops": record["flops"]["cumulative"],
+        "wall_time_s": record["wall_time_s"],
+        "growth_max_abs_logit_diff": record["growth"]["max_abs_logit_diff"],
+        "dims": record["dims"],
+        "growth": record["growth"]["targets"],
+        **({"ppl_init": record["ppl_init"]} if "ppl_init" in record else {}),
+        **({"growth_decision": _decision_summary(record)} if "decision" in record["growth"] else {}),
+    }
+
+
 def run_lifelong(
     corpora: str,
     domains: Sequence[str],
@@ -838,6 +885,7 @@ def run_lifelong(
     progress: bool = True,
     base: str | os.PathLike[str] | None = None,
     eval_init: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """All stages of one strategy over `domains`; writes `lifelong.json` and `ppl.png` to `out_dir`.
 
@@ -845,6 +893,9 @@ def run_lifelong(
     data order and replay draws; `max_eval_blocks` caps each domain's validation blocks. `base`, a local
     HF checkpoint folder, is imported as stage 0 (`out_dir/stage-0-base`, `loire.base.import_base`) and the
     first stage grows from it; `eval_init` adds each stage's perplexities right after growth (`ppl_init`).
+    `resume` continues an interrupted run in the same `out_dir`: a stage whose folder holds a `stage.json` of this
+    strategy and seed is read back, not rerun, and the first unfinished stage continues from its newest training
+    checkpoint (`run_stage(resume=True)`), so the result equals an uninterrupted run's.
     Slightly long: the stage loop and the summary it writes read best together.
     """
     if not domains:
@@ -858,48 +909,32 @@ def run_lifelong(
     parent: Path | None = None
     base_record: dict[str, Any] | None = None
     if base is not None:
-        from loire.base import import_base
-
         parent = out / "stage-0-base"
-        base_record = import_base(base, parent)["base"]
-    stages = []
+        base_record = _base_stage(base, parent, resume)
+    stages, read_back = [], []
     for index, domain in enumerate(domains, start=1):
         stage_dir = out / f"stage-{index}-{domain}"
-        result = run_stage(
-            domain,
-            uris[domain],
-            stage_dir,
-            parent=parent,
-            schedule=schedule,
-            strategy=strategy,
-            steps=steps,
-            device=device,
-            max_eval_blocks=max_eval_blocks,
-            on_log=on_log,
-            progress=progress,
-            eval_init=eval_init,
-        )
-        stages.append(
-            {
-                "stage": result.stage,
-                "domain": domain,
-                "ppl": result.ppl,
-                "ap": result.ap,
-                "ap_plus": result.ap_plus,
-                "flops": result.flops,
-                "cumulative_flops": result.cumulative_flops,
-                "wall_time_s": result.wall_time_s,
-                "growth_max_abs_logit_diff": result.growth_max_abs_logit_diff,
-                "dims": result.record["dims"],
-                "growth": result.record["growth"]["targets"],
-                **({"ppl_init": result.record["ppl_init"]} if "ppl_init" in result.record else {}),
-                **(
-                    {"growth_decision": _decision_summary(result.record)}
-                    if "decision" in result.record["growth"]
-                    else {}
-                ),
-            }
-        )
+        done = _finished_stage(stage_dir, strategy, schedule.seed) if resume else None
+        if done is None:
+            done = run_stage(
+                domain,
+                uris[domain],
+                stage_dir,
+                parent=parent,
+                schedule=schedule,
+                strategy=strategy,
+                steps=steps,
+                resume=resume,
+                device=device,
+                max_eval_blocks=max_eval_blocks,
+                on_log=on_log,
+                progress=progress,
+                eval_init=eval_init,
+            ).record
+        else:
+            logger.info("stage %d (%s): finished before, read back from %s", index, domain, stage_dir)
+            read_back.append(index)
+        stages.append(_summary_entry(done, domain))
         parent = stage_dir
     summary = {
         "strategy": strategy,
@@ -911,6 +946,8 @@ def run_lifelong(
     }
     if base_record is not None:
         summary["base"] = base_record
+    if read_back:
+        summary["read_back_stages"] = read_back  # finished by an earlier, interrupted run
     (out / "lifelong.json").write_text(json.dumps(summary, indent=2))
     plot_ppl(summary, out / "ppl.png")
     return summary

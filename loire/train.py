@@ -90,7 +90,7 @@ class TrainResult:
     tokens: int
     wall_time_s: float
     final_loss: float
-    flops: float
+    flops: float  # the whole run's training compute, a resumed run's included
     teacher_flops: float
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int | None = None
@@ -293,7 +293,8 @@ def _resume(
 def _teacher_cache(
     teachers: list[LoirePreTrainedModel], batcher: Batcher, config: TrainConfig, start: int, device: torch.device
 ) -> tuple[TeacherCache | None, float]:
-    """The teachers' outputs over what is left of the distillation window, and the FLOPs that cost."""
+    """The teachers' outputs over what is left of the distillation window, and the FLOPs of the whole window
+    (a resumed run's record counts the stage's compute, as an uninterrupted run's does)."""
     distill = config.distill
     if not teachers or distill is None or distill.distill_steps <= start:
         return None, 0.0
@@ -301,7 +302,8 @@ def _teacher_cache(
     inputs = [batcher.micro_batch(*divmod(i, config.grad_accum))[0] for i in window]
     cache = build_teacher_cache([t.to(device) for t in teachers], inputs, distill, device)
     flops = sum(
-        len(inputs)
+        distill.distill_steps
+        * config.grad_accum
         * flops_per_step(t.config, inputs[0].shape[0], inputs[0].shape[1], training=False, head=head_of(t.config))
         for t in teachers
     )
@@ -458,7 +460,7 @@ def train(
         tokens=config.steps * block_tokens,
         wall_time_s=time.perf_counter() - started,
         final_loss=loss_value,
-        flops=(config.steps - start) * step_flops,
+        flops=config.steps * step_flops,  # the whole run's, resumed or not (like `tokens`)
         teacher_flops=teacher_flops,
         history=history,
         resumed_from=start or None,

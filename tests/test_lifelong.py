@@ -269,3 +269,48 @@ def test_strategy_sets_where_the_stage_learning_rate_decays_to(tmp_path: Path, m
     assert "min_lr_ratio" not in read_stage(tmp_path / "d")["train"]  # older records stay the same
     with pytest.raises(ValueError, match="min_lr_ratio"):
         dataclasses.replace(constant, min_lr_ratio=2.0)
+
+
+def test_resume_reads_back_finished_stages_and_equals_an_uninterrupted_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped after stage 1 (and mid-way through stage 2's training) continues to the same result."""
+    import loire.lifelong as lifelong
+    import loire.train as train_module
+
+    root = tmp_path / "corpora"
+    write_corpus(root / "wb", 0)
+    write_corpus(root / "news", 1)
+    run = dict(schedule=small_schedule(steps=8), strategy="loire", progress=False, max_eval_blocks=4)
+    whole = lifelong.run_lifelong(str(root), ["WB", "NEWS"], tmp_path / "whole", **run)
+
+    out = tmp_path / "cut"
+    lifelong.run_lifelong(str(root), ["WB"], out, **run)
+    stage_two = lifelong.checkpoint_dir(out / "stage-2-NEWS")
+    real_checkpoint = train_module._checkpoint
+
+    def stop_after_first_checkpoint(*args, **kwargs):  # the process dies right after a checkpoint is written
+        real_checkpoint(*args, **kwargs)
+        if stage_two.exists() and any(stage_two.iterdir()):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_checkpoint", stop_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        lifelong.run_lifelong(str(root), ["WB", "NEWS"], out, **run)
+    monkeypatch.setattr(train_module, "_checkpoint", real_checkpoint)
+    ran: list[str] = []
+    real_run_stage = lifelong.run_stage
+
+    def counting_run_stage(domain, *args, **kwargs):
+        ran.append(domain)
+        return real_run_stage(domain, *args, **kwargs)
+
+    monkeypatch.setattr(lifelong, "run_stage", counting_run_stage)
+    resumed = lifelong.run_lifelong(str(root), ["WB", "NEWS"], out, resume=True, **run)
+
+    assert ran == ["NEWS"] and resumed["read_back_stages"] == [1]
+    assert read_stage(out / "stage-2-NEWS")["train"]["resumed_from"] > 0
+    for a, b in zip(whole["stages"], resumed["stages"], strict=True):
+        assert a["ppl"] == pytest.approx(b["ppl"], rel=1e-6) and a["cumulative_flops"] == b["cumulative_flops"]
+    with pytest.raises(ValueError, match=r"written by strategy 'loire' seed \d+, not 'replay'"):
+        lifelong.run_lifelong(str(root), ["WB"], out, resume=True, **{**run, "strategy": "replay"})
