@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
@@ -34,11 +35,12 @@ from bench.common import machine_facts  # noqa: E402
 from loire.data import encode_corpus, load_corpus  # noqa: E402
 from loire.grow import grow  # noqa: E402
 from loire.io import load_model  # noqa: E402
-from loire.lifelong import corpus_uri, run_stage  # noqa: E402
+from loire.lifelong import MOMENTS_FILE, corpus_uri, run_stage  # noqa: E402
 from loire.metrics import max_abs_logit_diff, perplexity  # noqa: E402
 from loire.model import LoirePreTrainedModel  # noqa: E402
+from loire.moments import carry_moments, load_moments, trace_growth  # noqa: E402
 from loire.schedule import schedule_preset  # noqa: E402
-from loire.strategies import elle_expand, naive_expand  # noqa: E402
+from loire.strategies import STRATEGIES, elle_expand, naive_expand  # noqa: E402
 from loire.tokenizer import load_tokenizer  # noqa: E402
 from loire.train import TrainConfig, train  # noqa: E402
 
@@ -88,7 +90,15 @@ VARIANTS: dict[str, tuple[Grower, dict[str, Any], str]] = {
         "split, re-warm to stage 1's peak LR 2e-3 instead of 1e-3",
     ),
     "no-growth": (lambda m: copy.deepcopy(m), {}, "M1 kept (fixed-small): what growth adds"),
+    # the optimizer-state lever, against `loire`'s growth (exact-pad-R0.1): AdamW's stage-1 moments carried
+    # through the growth (loire.moments) instead of a cold optimizer
+    "exact-pad-R0.1-carry": (
+        with_free_std(0.1, "pad"),
+        {},
+        "mean padding, free std 0.1, AdamW moments of stage 1 carried (copies keep theirs)",
+    ),
 }
+CARRY = {"exact-pad-R0.1-carry"}  # variants that start from the stage-1 moments
 
 
 @torch.no_grad()
@@ -110,9 +120,12 @@ def writer_cosine(model: LoirePreTrainedModel, dims: slice) -> float:
 
 
 def stage_one(data: str, work: Path) -> Path:
-    out = work / "stage-1-WB"
+    """The stage-1 model, trained by a strategy that keeps AdamW's final moments (training is the same)."""
+    out = work / "stage-1-WB-moments"
     if not (out / "stage.json").exists():
-        run_stage("WB", corpus_uri(data, "WB"), out, schedule="gpt-tiny-long", strategy="loire", progress=False)
+        carrying = dataclasses.replace(STRATEGIES["loire"], name="loire-carry", carry_moments=True)
+        STRATEGIES.setdefault(carrying.name, carrying)
+        run_stage("WB", corpus_uri(data, "WB"), out, schedule="gpt-tiny-long", strategy=carrying.name, progress=False)
     return out
 
 
@@ -129,6 +142,10 @@ def run_variant(name: str, parent: Path, data: str, steps: int) -> dict[str, Any
     }
     model = grower(prev)
     diff = max_abs_logit_diff(prev, model, train_blocks[:2, :32])
+    moments = None
+    if name in CARRY:
+        moments, report = carry_moments(prev, load_moments(parent / MOMENTS_FILE), trace_growth(prev, grower))
+        what = f"{what}; {100 * report.copied_fraction:.0f}% of entries carried"
     curve: dict[str, dict[int, float]] = {d: {} for d in valid}
 
     def on_log(_metrics: dict[str, float], step: int) -> None:
@@ -151,7 +168,7 @@ def run_variant(name: str, parent: Path, data: str, steps: int) -> dict[str, Any
         }
     )
     started = time.perf_counter()
-    train(model, train_blocks, config, on_log=on_log)
+    train(model, train_blocks, config, on_log=on_log, initial_moments=moments)
     model.eval()
     for d, blocks in valid.items():
         curve[d][steps] = val_loss(model, blocks)

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -160,8 +161,16 @@ def publish_dir(tmp: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def publish_stage_folder(model: Any, tokenizer: Any, record: dict[str, Any], out: Path, stage_file: str) -> None:
-    """Write model, tokenizer and the stage record into a temporary sibling of `out`, then swap it in."""
+def publish_stage_folder(
+    model: Any,
+    tokenizer: Any,
+    record: dict[str, Any],
+    out: Path,
+    stage_file: str,
+    extra: Mapping[str, Callable[[Path], None]] | None = None,
+) -> None:
+    """Write model, tokenizer and the stage record into a temporary sibling of `out`, then swap it in.
+    `extra` maps more file names to the functions that write them (into the temporary folder)."""
     import json
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -169,6 +178,8 @@ def publish_stage_folder(model: Any, tokenizer: Any, record: dict[str, Any], out
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        for name, write in (extra or {}).items():
+            write(tmp / name)
         (tmp / stage_file).write_text(json.dumps(record, indent=2, default=float))
         publish_dir(tmp, out)
     except BaseException:

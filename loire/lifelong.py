@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,7 @@ from loire.grow.vocab import grow_vocab
 from loire.io import load_model, publish_stage_folder
 from loire.metrics import learnt_perplexity, max_abs_logit_diff, perplexity, ppl_frame
 from loire.model import LoireForCausalLM, LoireForMaskedLM, LoirePreTrainedModel, model_dims
+from loire.moments import Moments, carry_moments, load_moments, save_moments, trace_growth
 from loire.planner import GrowthDecision, plan_growth
 from loire.schedule import Schedule, StageSpec, resolve_growth, schedule_preset
 from loire.strategies import Strategy, elle_expand, get_strategy, naive_expand
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STAGE_FILE = "stage.json"
+MOMENTS_FILE = "moments.safetensors"  # AdamW's final state, kept by strategies that carry it (loire.moments)
 FORMAT_VERSION = 1
 
 
@@ -360,9 +362,8 @@ def _stage_model(
     strat, spec = plan.strategy, plan.spec
     if parent is None or strat.from_scratch:
         return _new_model(_initial_config(plan.schedule, strat, len(tok), tok), plan.seed), {}, None, None
-    previous = load_model(parent)
-    if len(tok) > previous.config.vocab_size:  # prompt tokens added to a base's tokenizer: exact row growth
-        previous = grow_vocab(previous, len(tok))
+    loaded = load_model(parent)
+    previous = _to_vocab(loaded, len(tok))
     if spec.block_size > previous.config.max_position_embeddings:
         raise ValueError(
             f"{_spec_path(plan)}.block_size: {spec.block_size} exceeds the parent model's "
@@ -374,15 +375,52 @@ def _stage_model(
     if not targets:
         return previous, targets, None, decision
     probe = train_blocks[:GROWTH_PROBE_BLOCKS, : min(GROWTH_PROBE_TOKENS, spec.block_size)]
-    if strat.growth == "exact":
-        model = _grow_exact(previous, targets, plan.seed, strat)
-    elif strat.growth == "elle":
-        model = elle_expand(previous, **targets, seed=plan.seed)
-    else:
-        model = naive_expand(previous, strat.growth, **targets, seed=plan.seed)
+    model = _grower(plan, targets, len(tok))(loaded)
     growth_diff = max_abs_logit_diff(previous, model, probe)
     logger.info("stage %d: grew %s, max |Δlogits| %.3g", plan.stage, targets, growth_diff)
     return model, targets, growth_diff, decision
+
+
+def _to_vocab(model: LoirePreTrainedModel, vocab: int) -> LoirePreTrainedModel:
+    """Prompt tokens added to a base's tokenizer: exact row growth of the embeddings (and head)."""
+    return grow_vocab(model, vocab) if vocab > model.config.vocab_size else model
+
+
+def _grower(
+    plan: StagePlan, targets: dict[str, int], vocab: int
+) -> Callable[[LoirePreTrainedModel], LoirePreTrainedModel]:
+    """The parent (as stored) → this stage's model: vocabulary rows, then the strategy's growth operator.
+    Deterministic, so `loire.moments.trace_growth` can replay it."""
+    strat = plan.strategy
+
+    def transform(parent: LoirePreTrainedModel) -> LoirePreTrainedModel:
+        previous = _to_vocab(parent, vocab)
+        if not targets:
+            return previous
+        if strat.growth == "exact":
+            return _grow_exact(previous, targets, plan.seed, strat)
+        if strat.growth == "elle":
+            return elle_expand(previous, **targets, seed=plan.seed)
+        return naive_expand(previous, strat.growth, **targets, seed=plan.seed)
+
+    return transform
+
+
+def _carried_moments(
+    plan: StagePlan, parent, targets: dict[str, int], vocab: int
+) -> tuple[Moments | None, dict[str, Any] | None]:
+    """Step 2b: AdamW's state for the stage's model, carried from the parent's final moments through the
+    growth (`loire.moments`), when the strategy carries it; None (a cold optimizer) where the parent kept none."""
+    if not plan.strategy.carry_moments:
+        return None, None
+    stored = Path(parent) / MOMENTS_FILE if parent is not None and not plan.strategy.from_scratch else None
+    if stored is None or not stored.is_file():
+        return None, {"carried_from": None}
+    loaded = load_model(parent)
+    sources = trace_growth(loaded, _grower(plan, targets, vocab))
+    moments, report = carry_moments(loaded, load_moments(stored), sources)
+    logger.info("stage %d: carried AdamW moments into %.0f%% of the entries", plan.stage, 100 * report.copied_fraction)
+    return moments, {"carried_from": str(stored), **report.to_dict()}
 
 
 def _grow_exact(
@@ -490,6 +528,7 @@ def _train_stage(
     progress: bool,
     fsdp: bool,
     on_log: OnLog | None,
+    moments: Moments | None = None,
 ) -> _Trained:
     """Step 5: ELLE's recovery warmup where the strategy has one, then the stage's training run."""
     strat, spec, stage_steps = plan.strategy, plan.spec, plan.steps
@@ -531,6 +570,8 @@ def _train_stage(
         checkpoint_dir=checkpoint_dir(out),
         resume=resume,
         on_log=on_log,
+        initial_moments=moments,
+        keep_moments=strat.carry_moments,
     )
     model = model.to("cpu").eval()
     model.consolidate(strict=True)
@@ -716,6 +757,7 @@ def run_stage(
         )
     data, tok, train_blocks = _load_data(plan, corpus, parent, tokenizer)
     model, targets, growth_diff, decision = _stage_model(plan, parent, tok, train_blocks)
+    moments, moments_record = _carried_moments(plan, parent, targets, len(tok))
     probe_flops = decision.probe_flops if decision is not None else 0.0
     plan = fit_budget(plan, model, probe_flops)
     earlier = _earlier_data(plan, domain, earlier_corpora or {}, tok, train_blocks)
@@ -736,6 +778,7 @@ def run_stage(
         progress=progress,
         fsdp=fsdp,
         on_log=on_log,
+        moments=moments,
     )
     trained.flops += probe_flops  # the planner's probes are part of the stage's compute
     ppl = _evaluate(trained.model, plan, domain, data, earlier, tok, max_eval_blocks, carried)
@@ -764,7 +807,9 @@ def run_stage(
         else None,
     )
     record["carried"] = _carried_entries(carried, extra_corpora or {}, earlier, ppl)
-    _write_stage(trained.model, tok, record, out)
+    if moments_record is not None:
+        record["train"]["moments"] = moments_record
+    _write_stage(trained.model, tok, record, out, trained.result.moments)
     if distributed.is_main():
         shutil.rmtree(checkpoint_dir(out), ignore_errors=True)
     logger.info("stage %d (%s) done: AP %.3f, AP+ %s", plan.stage, domain, record["ap"], record["ap_plus"])
@@ -799,15 +844,19 @@ def _carried_entries(
     ]
 
 
-def _write_stage(model: LoirePreTrainedModel, tokenizer, record: dict[str, Any], out: Path) -> None:
-    """Publish the stage folder: rank 0 writes it, every rank returns once it exists (under torchrun)."""
+def _write_stage(
+    model: LoirePreTrainedModel, tokenizer, record: dict[str, Any], out: Path, moments: Moments | None = None
+) -> None:
+    """Publish the stage folder: rank 0 writes it, every rank returns once it exists (under torchrun).
+    `moments` (AdamW's final state) go beside the model for the next stage, only for the parameters the
+    consolidated model still has (a plug-in λ is gone)."""
     if distributed.is_main():
-        _publish_stage(model, tokenizer, record, out)
+        kept = dict(model.named_parameters())
+        extra = None
+        if moments is not None:
+            extra = {MOMENTS_FILE: lambda path: save_moments({n: m for n, m in moments.items() if n in kept}, path)}
+        publish_stage_folder(model, tokenizer, record, out, STAGE_FILE, extra=extra)
     distributed.barrier()
-
-
-def _publish_stage(model: LoirePreTrainedModel, tokenizer, record: dict[str, Any], out: Path) -> None:
-    publish_stage_folder(model, tokenizer, record, out, STAGE_FILE)
 
 
 def corpus_uri(root: str, domain: str) -> str:

@@ -74,8 +74,13 @@ class Strategy:
     # where each stage's cosine decay ends, as a share of the peak learning rate (1.0: constant after the
     # warmup); None: the trainer's default (`TrainConfig.min_lr_ratio`, 0.1)
     min_lr_ratio: float | None = None
+    # carry AdamW's moments across growth (loire.moments: copied entries keep theirs) instead of a cold
+    # optimizer at every stage; each stage folder then keeps its final moments for the next stage
+    carry_moments: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.carry_moments, bool):
+            raise ValueError(f"Strategy.carry_moments={self.carry_moments!r} must be True or False")
         if self.min_lr_ratio is not None and not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"Strategy.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1] (or None)")
 

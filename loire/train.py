@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +94,7 @@ class TrainResult:
     teacher_flops: float
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int | None = None
+    moments: dict[str, dict[str, torch.Tensor]] | None = None  # AdamW's final state per parameter (keep_moments)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -391,9 +392,15 @@ def train(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
     on_log: OnLog | None = None,
+    initial_moments: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    keep_moments: bool = False,
 ) -> TrainResult:
     """Train `model` in place on packed `blocks` (N, T); returns what happened. Steps: `_place`, `_optimizer`,
     `_resume`, `_teacher_cache`, then per optimizer step `_accumulate`, clip and step, `_step_metrics`, `_checkpoint`.
+
+    `initial_moments` (parameter name -> exp_avg / exp_avg_sq / step, see `loire.moments`) starts AdamW from a
+    carried state instead of a cold one (a checkpoint being resumed replaces it); `keep_moments` returns the final
+    state in `TrainResult.moments`.
     """
     device, rank, world = _place(config)
     torch.manual_seed(config.seed)
@@ -413,6 +420,10 @@ def train(
     )
     params, optimizer, scheduler = _optimizer(net, config, fused=device.type == "cuda" and not sharded)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if initial_moments is not None or keep_moments:
+        if sharded:
+            raise ValueError("initial_moments / keep_moments: not supported with FSDP (fsdp=True)")
+        _set_moments(net, optimizer, initial_moments or {})
     start = _resume(ckpt_dir if resume else None, model, net, optimizer, scheduler, sharded=sharded)
     if world > 1 and not sharded:
         net = torch.nn.parallel.DistributedDataParallel(model)
@@ -464,7 +475,35 @@ def train(
         teacher_flops=teacher_flops,
         history=history,
         resumed_from=start or None,
+        moments=_get_moments(model, optimizer) if keep_moments else None,
     )
+
+
+def _set_moments(net: torch.nn.Module, optimizer, moments: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Put carried AdamW state into `optimizer` by parameter name; every name must be a trained parameter."""
+    params = dict(_unwrap(net).named_parameters())
+    unknown = sorted(set(moments) - set(params))
+    if unknown:
+        raise ValueError(f"initial_moments: no trained parameter named {unknown[:3]}")
+    fused = any(group.get("fused") for group in optimizer.param_groups)
+    for name, state in moments.items():
+        p = params[name]
+        if tuple(state["exp_avg"].shape) != tuple(p.shape):
+            raise ValueError(f"initial_moments[{name!r}]: shape {tuple(state['exp_avg'].shape)} != {tuple(p.shape)}")
+        optimizer.state[p] = {
+            "step": state["step"].to(torch.float32).to(p.device if fused else "cpu").reshape(()),
+            "exp_avg": state["exp_avg"].to(device=p.device, dtype=p.dtype).clone(),
+            "exp_avg_sq": state["exp_avg_sq"].to(device=p.device, dtype=p.dtype).clone(),
+        }
+
+
+def _get_moments(model: LoirePreTrainedModel, optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    """AdamW's state per parameter name, on the CPU (parameters that never stepped have none)."""
+    return {
+        name: {k: optimizer.state[p][k].detach().cpu().clone() for k in ("exp_avg", "exp_avg_sq", "step")}
+        for name, p in model.named_parameters()
+        if p in optimizer.state and "exp_avg" in optimizer.state[p]
+    }
 
 
 def _unwrap(net: torch.nn.Module) -> LoirePreTrainedModel:
