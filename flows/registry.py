@@ -40,7 +40,7 @@ import loire
 from flows.retry import RetryPolicy, is_transient, short
 from flows.runs import ATTEMPT_TAG, RunLog, _error_code, _literal, _tag, arrival_key, attempt_of
 from loire.io import MODEL_INIT_LOCK, load_model, publish_dir
-from loire.lifelong import STAGE_FILE, learnt_domains, read_stage
+from loire.lifelong import MOMENTS_FILE, STAGE_FILE, learnt_domains, read_stage
 from loire.promotion import UNCHECKED, Decision, Gates, common_averages, decide
 from loire.tokenizer import load_tokenizer
 
@@ -341,6 +341,9 @@ class Tracker(RunLog):
         stage_file = str(folder / STAGE_FILE)
         self._call("log_model_artifact(stage.json)", self.client.log_model_artifact, model_id, stage_file)
         self._call("log_artifact(stage.json)", self.client.log_artifact, run_id, stage_file, "stage")
+        moments = folder / MOMENTS_FILE
+        if moments.is_file():  # a carrying strategy's AdamW state: the next stage grows it with the model
+            self._call("log_model_artifact(moments)", self.client.log_model_artifact, model_id, str(moments))
         return model_id
 
     def _log_transformers(self, target: _Target, components: dict[str, Any], folder: Path, task: str) -> str:
@@ -634,6 +637,8 @@ def _assemble_stage(raw: Path, folder: Path, dest: Path) -> Path:
             raise RuntimeError(f"{root}: the registered model has no tokenizer (components/tokenizer/tokenizer.json)")
         for file in tokenizer.iterdir():
             shutil.copy2(file, folder / file.name)
+        if (root / MOMENTS_FILE).is_file():
+            shutil.copy2(root / MOMENTS_FILE, folder / MOMENTS_FILE)
     else:
         shutil.copytree(root, folder)
     record = json.loads((root / STAGE_FILE).read_text())

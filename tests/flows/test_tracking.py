@@ -36,7 +36,8 @@ from flows.tracking import (
 from loire.cli import render_lineage
 from loire.grow import grow
 from loire.io import load_model
-from loire.lifelong import read_stage
+from loire.lifelong import MOMENTS_FILE, read_stage
+from loire.moments import load_moments, save_moments
 from loire.tokenizer import load_tokenizer, train_tokenizer
 from tests.conftest import tiny_lm
 from tests.flows.servers_mlflow import MlflowServer
@@ -59,6 +60,18 @@ def _tokenizer() -> Any:
 def _tiny_model(tokenizer: Any) -> loire.LoireForCausalLM:
     dims = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, head_dim=8, intermediate_size=32)
     return tiny_lm(tokenizer, max_position_embeddings=64, **dims)
+
+
+def _moments(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        n: {
+            "exp_avg": torch.randn(p.shape, generator=g),
+            "exp_avg_sq": torch.rand(p.shape, generator=g),
+            "step": torch.tensor(4.0),
+        }
+        for n, p in model.named_parameters()
+    }
 
 
 def _record(stage: int, domain: str, folder: Path, corpus_uri: str, parent: dict[str, Any] | None) -> dict[str, Any]:
@@ -128,6 +141,8 @@ def registered(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFac
         folder = root / f"stage-{stage}-{domain}"
         record = _record(stage, domain, folder, uri, parent_record)
         _write_stage(model, tokenizer, record, folder)
+        if stage == 2:  # as a strategy that carries AdamW's state leaves it (loire.moments)
+            save_moments(_moments(model), folder / MOMENTS_FILE)
         params = {"schedule": {"preset": "gpt-tiny", "stages": [1, 2]}, "steps": 4, "note": "x" * 7000}
         run_id = tracker.start_stage_run(
             stage=stage,
@@ -298,6 +313,11 @@ def test_download_stage_round_trip(registered: Registered, tmp_path: Path) -> No
     text = "river model grows <NEWS> news data"
     assert load_tokenizer(dest)(text)["input_ids"] == load_tokenizer(registered.dirs[1])(text)["input_ids"]
     record = read_stage(dest)  # usable as run_stage(parent=dest)
+    moments = load_moments(dest / MOMENTS_FILE)  # the carried optimizer state travels with the model
+    expected = load_moments(registered.dirs[1] / MOMENTS_FILE)
+    assert set(moments) == set(expected) and all(
+        torch.equal(moments[n]["exp_avg"], expected[n]["exp_avg"]) for n in moments
+    )
     assert record["stage"] == 2 and record["lineage"][-1]["model_dir"] == str(dest.resolve())
     marker = (dest / "registry.json").stat().st_mtime_ns
     assert registered.tracker.download_stage("2", dest) == dest  # complete: reused, not downloaded again
