@@ -90,6 +90,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # Against `replay` as well: a lever every strategy would get is a benchmark setting, not a LOIRE win.
     "loire-constlr": ("loire", {"min_lr_ratio": 1.0}),
     "replay-constlr": ("replay", {"min_lr_ratio": 1.0}),
+    "elle-er-constlr": ("elle", {"replay_ratio": REPLAY_RATIO, "min_lr_ratio": 1.0}),  # the closest contender
     # the optimizer-state lever: AdamW's moments carried through every growth (loire.moments) instead of a
     # cold optimizer at each stage; one change against `loire`
     "loire-carry": ("loire", {"carry_moments": True}),
@@ -114,6 +115,7 @@ PLANNED_LONG = [
     *[(n, s) for s in (1, 2) for n in ["loire-nokd"]],
     *[(n, 0) for n in ["loire-r10", "loire-r10-nokd", "loire-split"]],
     *[("loire-carry", s) for s in (0, 1, 2)],  # the optimizer-state lever
+    *[("elle-er-constlr", s) for s in (0, 1, 2)],  # is LOIRE's lead over ELLE-ER the same at a constant LR?
 ]
 # The comparison set for LOIRE's last-stage AP: every strategy except retrain.
 COMPARED = ["loire-kd", "loire-er", "fixed-small", "fixed-large", "token-kd", "replay", "elle", "elle-er"]
