@@ -100,8 +100,9 @@ ABLATION = ["loire-kd", "loire-zero", "loire-random"]  # all three distil (the p
 # given). Finished runs are skipped, so a later session continues in this order. Done first: seed 0 of
 # every strategy, then `loire-free0.1`'s seeds (which made it `loire`: its runs are under runs/loire/,
 # the old default's under runs/loire-std0.02/). Next: the contenders' third seeds for mean ± std, the
-# operator ablation's seeds, `retrain` (about 4 h on one thread: it retrains on everything seen at
-# every stage), the remaining seeds and the one-change variants. About 30 min per run here, two at once.
+# operator ablation's seeds, `retrain` (it retrains on everything seen at every stage: 4.3x the steps;
+# seed 0 took 69 min of stage wall time, two runs at once), the remaining seeds and the one-change
+# variants. About 12-30 min per run here, two at once; `--resume` continues an interrupted run.
 PLANNED_LONG = [
     *[(n, s) for s in (1, 2) for n in ["loire", "elle-er", "replay", "loire-er"]],
     *[(n, s) for s in (1, 2) for n in ["loire-zero", "loire-random", "loire-std0.02"]],
@@ -382,7 +383,8 @@ def targets(summary: pd.DataFrame) -> list[str]:
         met = gap <= 0.05 and ratio <= 0.35
         out.append(
             f"stretch: AP within 5% of `retrain` at ≤ 0.35x its FLOPs: {'met' if met else 'NOT met'} "
-            f"(AP {gap:+.1%} vs retrain, FLOPs {ratio:.2f}x)"
+            f"(AP {pm(me.ap_mean, me.ap_std)} vs retrain {pm(r.ap_mean, r.ap_std)}: {gap:+.1%}, FLOPs {ratio:.2f}x; "
+            f"retrain over {int(r.ap_count)} seed(s))"
         )
     return out
 
