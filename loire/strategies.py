@@ -81,6 +81,12 @@ class Strategy:
     def __post_init__(self) -> None:
         if not isinstance(self.carry_moments, bool):
             raise ValueError(f"Strategy.carry_moments={self.carry_moments!r} must be True or False")
+        if self.carry_moments and (self.from_scratch or self.recover_fraction > 0):
+            # a fresh model has no parent state; a recovery warmup would train the model the moments describe
+            raise ValueError(
+                f"Strategy {self.name!r}: carry_moments needs a grown parent trained last by the stage's main run "
+                "(not with from_scratch or recover_fraction > 0)"
+            )
         if self.min_lr_ratio is not None and not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"Strategy.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1] (or None)")
 

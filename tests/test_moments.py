@@ -151,3 +151,11 @@ def test_a_carrying_strategy_keeps_and_carries_moments_across_a_growth(
     assert not (tmp_path / "plain").exists()
     plain = run_stage("WB", str(a), tmp_path / "plain", **{**run, "strategy": "loire"})
     assert "moments" not in plain.record["train"] and not (tmp_path / "plain" / MOMENTS_FILE).exists()
+
+
+def test_carrying_is_refused_where_there_is_no_state_to_carry() -> None:
+    for base in ("retrain", "elle"):  # a model from scratch; a recovery warmup before the main run
+        with pytest.raises(ValueError, match="carry_moments needs a grown parent"):
+            dataclasses.replace(STRATEGIES[base], carry_moments=True)
+    with pytest.raises(ValueError, match="carry_moments=1 must be True or False"):
+        dataclasses.replace(STRATEGIES["loire"], carry_moments=1)
