@@ -851,9 +851,9 @@ def _write_stage(
     `moments` (AdamW's final state) go beside the model for the next stage, only for the parameters the
     consolidated model still has (a plug-in λ is gone)."""
     if distributed.is_main():
-        kept = dict(model.named_parameters())
         extra = None
         if moments is not None:
+            kept = dict(model.named_parameters())
             extra = {MOMENTS_FILE: lambda path: save_moments({n: m for n, m in moments.items() if n in kept}, path)}
         publish_stage_folder(model, tokenizer, record, out, STAGE_FILE, extra=extra)
     distributed.barrier()

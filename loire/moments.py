@@ -89,19 +89,23 @@ def carry_moments(
     """The grown model's initial AdamW state from the parent's `moments` and `trace_growth`'s `sources`.
 
     A parent parameter without moments (not trained) counts as new wherever it was copied."""
-    flat_m, flat_v, flat_step, have = [], [], [], []
-    for name, p in parent.named_parameters():
+    params = list(parent.named_parameters())
+    for name, p in params:
         state = moments.get(name)
         if state is not None and tuple(state["exp_avg"].shape) != tuple(p.shape):
             raise ValueError(f"moments of {name!r}: shape {tuple(state['exp_avg'].shape)} != {tuple(p.shape)}")
-        n = p.numel()
-        flat_m.append(state["exp_avg"].flatten().double() if state is not None else torch.zeros(n, dtype=torch.float64))
-        flat_v.append(
-            state["exp_avg_sq"].flatten().double() if state is not None else torch.zeros(n, dtype=torch.float64)
+
+    def flat(key: str) -> torch.Tensor:  # the parent's moments in trace_growth's index space (zeros where none)
+        return torch.cat(
+            [
+                moments[n][key].flatten().double() if n in moments else torch.zeros(p.numel(), dtype=torch.float64)
+                for n, p in params
+            ]
         )
-        flat_step.append(torch.full((n,), float(state["step"]) if state is not None else 0.0, dtype=torch.float64))
-        have.append(torch.full((n,), state is not None))
-    m, v, steps, known = torch.cat(flat_m), torch.cat(flat_v), torch.cat(flat_step), torch.cat(have)
+
+    m, v = flat("exp_avg"), flat("exp_avg_sq")
+    known = torch.cat([torch.full((p.numel(),), n in moments) for n, p in params])
+    step = max((float(state["step"]) for state in moments.values()), default=0.0)  # one optimizer: one step count
     out: Moments = {}
     copied_entries = total_entries = cold = 0
     for name, src in sources.items():
@@ -120,7 +124,7 @@ def carry_moments(
         out[name] = {
             "exp_avg": exp_avg.view(src.shape).float(),
             "exp_avg_sq": exp_avg_sq.view(src.shape).float(),
-            "step": torch.tensor(float(steps[idx].max()), dtype=torch.float32),
+            "step": torch.tensor(step, dtype=torch.float32),
         }
     report = CarryReport(len(out), cold, copied_entries / max(total_entries, 1))
     return out, report

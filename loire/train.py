@@ -37,6 +37,7 @@ from loire import distributed
 from loire.distill import DistillConfig, TeacherCache, build_teacher_cache, kd_loss
 from loire.flops import flops_per_step, head_of
 from loire.model import LoirePreTrainedModel, shifted_lm_loss
+from loire.moments import MOMENT_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -500,7 +501,7 @@ def _set_moments(net: torch.nn.Module, optimizer, moments: Mapping[str, Mapping[
 def _get_moments(model: LoirePreTrainedModel, optimizer) -> dict[str, dict[str, torch.Tensor]]:
     """AdamW's state per parameter name, on the CPU (parameters that never stepped have none)."""
     return {
-        name: {k: optimizer.state[p][k].detach().cpu().clone() for k in ("exp_avg", "exp_avg_sq", "step")}
+        name: {k: optimizer.state[p][k].detach().cpu().clone() for k in MOMENT_KEYS}
         for name, p in model.named_parameters()
         if p in optimizer.state and "exp_avg" in optimizer.state[p]
     }
