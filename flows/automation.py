@@ -106,13 +106,25 @@ def zombie_automation() -> Any:
     )
 
 
+def _canonical(value: Any) -> Any:
+    """A dump with every set as a sorted list: a trigger's `expect` / `after` / `for_each` are sets, and two equal
+    sets can iterate in different orders (hash seed, insertion history), so comparing their JSON lists is flaky."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(_canonical(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _canonical(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(item) for item in value]
+    return value
+
+
 def _same(a: Any, b: Any) -> bool:
-    fields = ("description", "enabled", "trigger", "actions")
-    return all(
-        a.model_dump(mode="json", include={f}) == b.model_dump(mode="json", include={f})
-        for f in fields
-        if f != "trigger"
-    ) and a.trigger.model_dump(mode="json", exclude={"id"}) == b.trigger.model_dump(mode="json", exclude={"id"})
+    """Whether two automations do the same thing (ids aside)."""
+    fields = {"description", "enabled", "trigger", "actions"}
+    dump_a, dump_b = a.model_dump(include=fields), b.model_dump(include=fields)
+    for dump in (dump_a, dump_b):
+        dump["trigger"].pop("id", None)
+    return _canonical(dump_a) == _canonical(dump_b)
 
 
 def _ensure(wanted: Any, present: bool, dry_run: bool = False) -> str:
