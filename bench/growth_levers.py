@@ -97,8 +97,17 @@ VARIANTS: dict[str, tuple[Grower, dict[str, Any], str]] = {
         {},
         "mean padding, free std 0.1, AdamW moments of stage 1 carried (copies keep theirs)",
     ),
+    # the same with only the second moment carried: the step sizes stay calibrated, but no stage-1
+    # direction is pushed into the new domain's first steps (the carried first moment lowered WB's early
+    # forgetting and raised its late forgetting)
+    "exact-pad-R0.1-carry-v": (
+        with_free_std(0.1, "pad"),
+        {},
+        "mean padding, free std 0.1, stage 1's second moments carried, first moments zero",
+    ),
 }
-CARRY = {"exact-pad-R0.1-carry"}  # variants that start from the stage-1 moments
+CARRY = {"exact-pad-R0.1-carry", "exact-pad-R0.1-carry-v"}  # variants that start from the stage-1 moments
+SECOND_ONLY = {"exact-pad-R0.1-carry-v"}  # of those, the ones whose first moments start at zero
 
 
 @torch.no_grad()
@@ -145,6 +154,8 @@ def run_variant(name: str, parent: Path, data: str, steps: int) -> dict[str, Any
     moments = None
     if name in CARRY:
         moments, report = carry_moments(prev, load_moments(parent / MOMENTS_FILE), trace_growth(prev, grower))
+        if name in SECOND_ONLY:
+            moments = {n: {**state, "exp_avg": torch.zeros_like(state["exp_avg"])} for n, state in moments.items()}
         what = f"{what}; {100 * report.copied_fraction:.0f}% of entries carried"
     curve: dict[str, dict[int, float]] = {d: {} for d in valid}
 
