@@ -444,8 +444,8 @@ def render(budget: str, stages: pd.DataFrame, summary: pd.DataFrame, runs: list[
                 "## The same comparison under a constant rate after each stage's warmup (`-constlr`)",
                 "",
                 "Every strategy's rate stays at its peak after the warmup instead of decaying to a tenth "
-                "(`Strategy.min_lr_ratio` = 1.0), which trains every strategy better here; the ranking is "
-                "checked among the `-constlr` runs only.",
+                "(`Strategy.min_lr_ratio` = 1.0): the replaying strategies learn more and end lower, those "
+                "without replay forget more and end higher; the ranking is checked among the `-constlr` runs only.",
                 "",
             ]
             + [f"- {x}" for x in t]
