@@ -88,17 +88,16 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # as before but stays at its peak rate instead of decaying to a tenth (bench/planner_horizon.py: at
     # stage 2 a constant rate reached a lower held-out loss than the stage's cosine for every candidate).
     # Against `replay` as well: a lever every strategy would get is a benchmark setting, not a LOIRE win.
-    "loire-constlr": ("loire", {"min_lr_ratio": 1.0}),
-    "replay-constlr": ("replay", {"min_lr_ratio": 1.0}),
+    # (`loire-constlr` and `replay-constlr` are made with the other `-constlr` variants below)
     "elle-er-constlr": ("elle", {"replay_ratio": REPLAY_RATIO, "min_lr_ratio": 1.0}),  # the closest contender
     # the optimizer-state lever: AdamW's moments carried through every growth (loire.moments) instead of a
     # cold optimizer at each stage; one change against `loire`
     "loire-carry": ("loire", {"carry_moments": True}),
 }
-# The comparison again under a constant rate after each stage's warmup: the schedule that trains every
-# strategy better (docs/training.md). Does the ranking hold when nobody is under-trained by the decay?
+# The comparison again under a constant rate after each stage's warmup (docs/training.md: it helps the
+# strategies that replay and hurts those that do not). Does the ranking hold under it?
 CONSTLR = "-constlr"
-for _name in ["loire-kd", "loire-er", "fixed-small", "fixed-large", "token-kd", "elle", "retrain"]:
+for _name in ["loire", "replay", "loire-kd", "loire-er", "fixed-small", "fixed-large", "token-kd", "elle", "retrain"]:
     VARIANTS[_name + CONSTLR] = (_name, {"min_lr_ratio": 1.0})
 ABLATION = ["loire-kd", "loire-zero", "loire-random"]  # all three distil (the paper's LOIRE)
 # The `long` benchmark's run order (what `--budget long` runs when neither --runs nor --strategies is
